@@ -1,0 +1,31 @@
+# `make test` and `make demo` bootstrap a virtual environment at .venv (idempotent), then run.
+# Bring your own torch (e.g. a CUDA build) by installing it into .venv first; otherwise the
+# CPU wheel $(TORCH_SPEC) is installed.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rectiflow-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo toy-table clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) benchmarks/toy_table.py
+
+toy-table: $(STAMP)
+	$(PY) benchmarks/toy_table.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,98 @@
+"""Metrics of a coupling (Z0, Z1): how straight, how costly, how close to optimal transport.
+
+- straightness S(Z) = ∫₀¹ E‖(Z1 − Z0) − Ż_t‖² dt (the paper's Definition 3.4); 0 iff every
+  path is a straight line traversed at constant speed.
+- transport cost E‖Z1 − Z0‖^p.
+- exact OT cost min_γ E_γ‖X − Y‖^p between two empirical measures (network simplex, POT).
+- pairing ratio: E‖Z1 − Z0‖ ÷ exact OT cost between the sets {Z0} and {Z1}; ≥ 1, = 1 iff the
+  pairing is optimal for the Euclidean cost.
+- W2 = (min_γ E_γ‖X − Y‖²)^½.
+- crossing rate (2D): the fraction of pairs of segments [Z0_i, Z1_i], [Z0_j, Z1_j] that intersect.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import torch
+
+
+def straightness(trajectory: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """S(Z) from a solver trajectory [(t_k, Z_k)] (t_k of shape (B,), per sample).
+
+    On each interval Ż is the difference quotient (Z_{k+1} − Z_k)/(t_{k+1} − t_k), so
+    S ≈ Σ_k Δt_k · E‖(Z1 − Z0) − ΔZ_k/Δt_k‖²; intervals with Δt = 0 (a finished sample) add 0.
+    """
+    if len(trajectory) < 2:
+        raise ValueError("straightness needs a trajectory of at least two states")
+    z0, z1 = trajectory[0][1].double(), trajectory[-1][1].double()
+    chord = (z1 - z0).flatten(1)
+    total = torch.zeros(z0.shape[0], dtype=torch.float64)
+    for (t_a, z_a), (t_b, z_b) in zip(trajectory[:-1], trajectory[1:]):
+        dt = (t_b.double() - t_a.double()).reshape(-1)
+        moving = dt > 0
+        if not moving.any():
+            continue
+        slope = (z_b.double() - z_a.double()).flatten(1)[moving] / dt[moving, None]
+        total[moving] += dt[moving] * (chord[moving] - slope).pow(2).sum(1)
+    return float(total.mean())
+
+
+def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return array.reshape(array.shape[0], -1).astype(np.float64)
+
+
+def transport_cost(x0: torch.Tensor, x1: torch.Tensor, power: float = 1.0) -> float:
+    """E‖x1 − x0‖^power over the pairs."""
+    if x0.shape != x1.shape:
+        raise ValueError(f"pairs must have equal shapes, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    return float(np.mean(np.linalg.norm(_as_numpy(x1) - _as_numpy(x0), axis=1) ** power))
+
+
+def exact_ot_cost(x: torch.Tensor, y: torch.Tensor, power: float = 1.0) -> float:
+    """min over couplings γ of the uniform empirical measures of E_γ‖X − Y‖^power (exact)."""
+    a, b = _as_numpy(x), _as_numpy(y)
+    cost = ot.dist(a, b, metric="euclidean") ** power
+    weights_a = np.full(len(a), 1.0 / len(a))
+    weights_b = np.full(len(b), 1.0 / len(b))
+    return float(ot.emd2(weights_a, weights_b, cost, numItermax=10_000_000))
+
+
+def pairing_ratio(x0: torch.Tensor, x1: torch.Tensor) -> float:
+    """Cost of the given pairing ÷ exact OT cost between the same two point sets (≥ 1)."""
+    return transport_cost(x0, x1) / exact_ot_cost(x0, x1)
+
+
+def wasserstein2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Exact W2 distance between two empirical measures."""
+    return exact_ot_cost(x, y, power=2.0) ** 0.5
+
+
+def crossing_rate(x0: torch.Tensor, x1: torch.Tensor, chunk: int = 512) -> float:
+    """Fraction of unordered pairs of 2D segments [x0_i, x1_i] that properly intersect.
+
+    Segments i and j cross when the endpoints of each lie strictly on opposite sides of the
+    other: orient(p_i, q_i, p_j)·orient(p_i, q_i, q_j) < 0 and vice versa, with
+    orient(a, b, c) = (b − a) × (c − a).
+    """
+    p, q = _as_numpy(x0), _as_numpy(x1)
+    if p.shape[1] != 2:
+        raise ValueError(f"crossing rate is defined for 2D pairs, got dimension {p.shape[1]}")
+    n = len(p)
+    if n < 2:
+        raise ValueError("crossing rate needs at least two pairs")
+
+    def orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
+
+    crossings = 0
+    for start in range(0, n, chunk):
+        pi, qi = p[start : start + chunk, None, :], q[start : start + chunk, None, :]
+        pj, qj = p[None, :, :], q[None, :, :]
+        separated_j = orient(pi, qi, pj) * orient(pi, qi, qj) < 0
+        separated_i = orient(pj, qj, pi) * orient(pj, qj, qi) < 0
+        cross = separated_i & separated_j
+        rows = np.arange(start, start + cross.shape[0])[:, None]
+        crossings += int(np.count_nonzero(cross & (np.arange(n)[None, :] > rows)))
+    return crossings / (n * (n - 1) / 2)

@@ -1,0 +1,54 @@
+"""MLP velocity field v(x, t) for vector data (2D toys, low-dimensional features).
+
+Architecture: the time t ∈ [0, 1] is embedded with sinusoids
+e(t) = [sin(2π f_k t), cos(2π f_k t)]_k, f_k = 2^k (k < embed_dim / 2), concatenated with x,
+and fed through ``depth`` hidden layers of width ``width`` with SiLU activations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """t ↦ [sin(2π·2^k·t), cos(2π·2^k·t)] for k = 0 … dim/2 − 1."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim < 2 or dim % 2:
+            raise ValueError(f"time embedding dim must be an even number >= 2, got {dim}")
+        frequencies = 2.0 * math.pi * 2.0 ** torch.arange(dim // 2, dtype=torch.float32)
+        self.register_buffer("frequencies", frequencies, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t.reshape(-1, 1).to(self.frequencies.dtype) * self.frequencies
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class MLPVelocity(nn.Module):
+    """v(x, t) for x of shape (B, dim)."""
+
+    def __init__(self, dim: int = 2, width: int = 256, depth: int = 3, time_embed_dim: int = 16):
+        super().__init__()
+        if dim < 1 or width < 1 or depth < 1:
+            raise ValueError(f"MLPVelocity needs dim, width, depth >= 1, got {dim}, {width}, {depth}")
+        self.dim, self.width, self.depth, self.time_embed_dim = dim, width, depth, time_embed_dim
+        self.time_embedding = SinusoidalTimeEmbedding(time_embed_dim)
+        layers: list[nn.Module] = []
+        fan_in = dim + time_embed_dim
+        for _ in range(depth):
+            layers += [nn.Linear(fan_in, width), nn.SiLU()]
+            fan_in = width
+        layers.append(nn.Linear(fan_in, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"MLPVelocity(dim={self.dim}) expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
+        return self.net(torch.cat([x, self.time_embedding(t).to(x.dtype)], dim=1))
+
+    def config(self) -> dict:
+        return {"dim": self.dim, "width": self.width, "depth": self.depth, "time_embed_dim": self.time_embed_dim}

@@ -1,0 +1,1 @@
+"""rectiflow's Ray layer: stages, the pipeline, storage, config, CLI and report."""
