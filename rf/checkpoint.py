@@ -59,7 +59,7 @@ def model_from_files(weights: bytes, spec: bytes, source: str = "<checkpoint>") 
         kind, config = parsed["kind"], parsed["config"]
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{source}/{SPEC_FILE} is not a model spec: {error}") from None
-    model = build_model(kind, **config)
+    model = build_model(kind, config)
     state = tensors_from_bytes(weights, f"{source}/{WEIGHTS_FILE}")
     try:
         model.load_state_dict(state, strict=True)

@@ -14,9 +14,10 @@ from rf.registry import construct
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLPVelocity, "unet": UNet}
 
 
-def build_model(kind: str, **config: Any) -> nn.Module:
-    """A fresh model of ``kind`` (``mlp`` or ``unet``) with constructor ``config``."""
-    return construct(MODELS, kind, "model kind", **config)
+def build_model(kind: str, config: dict[str, Any] | None = None) -> nn.Module:
+    """A fresh model of ``kind`` (``mlp`` or ``unet``) with constructor ``config``;
+    ``build_model(**model_spec(m))`` rebuilds m's architecture."""
+    return construct(MODELS, kind, "model kind", **(config or {}))
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -27,4 +28,14 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     raise TypeError(f"{type(model).__name__} is not a registered velocity model")
 
 
-__all__ = ["EMA", "MLPVelocity", "UNet", "MODELS", "build_model", "model_spec"]
+def input_shape(model: nn.Module) -> list[int]:
+    """The shape of one example ``model`` takes: [dim] for an MLP, [C, H, W] for a UNet."""
+    if isinstance(model, MLPVelocity):
+        return [model.dim]
+    if isinstance(model, UNet):
+        config = model.config()
+        return [config["in_channels"], config["resolution"], config["resolution"]]
+    raise TypeError(f"{type(model).__name__} is not a registered velocity model")
+
+
+__all__ = ["EMA", "MLPVelocity", "UNet", "MODELS", "build_model", "input_shape", "model_spec"]

@@ -56,7 +56,7 @@ def test_build_model_errors():
     with pytest.raises(ValueError, match="unknown model kind 'resnet'"):
         build_model("resnet")
     with pytest.raises(ValueError, match="bad options for model kind 'mlp'"):
-        build_model("mlp", size=3)
+        build_model("mlp", {"size": 3})
 
 
 def test_ema_tracks_the_moving_average():

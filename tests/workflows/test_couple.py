@@ -1,0 +1,331 @@
+"""The coupling stage: batch/worker invariance, exactly-once resume (after deletions and after a
+SIGKILL), storage formats read by other clients, a closed form, and bad input."""
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from pydantic import ValidationError
+
+from rf.coupling import generate_pairs
+from rf.models import MLPVelocity
+from rf.solvers import Solver
+from workflows.distributions import NoiseSpec, sample_by_id
+from workflows.shards import Coupling, ShardError, shard_count, shard_name
+from workflows.stage import PROGRESS_FILE, SUCCESS_FILE, write_manifest
+from workflows.stages.couple import (
+    STAGE_FILE,
+    CouplingConfig,
+    CouplingError,
+    ShardJob,
+    ShardWriter,
+    coupling_format,
+    coupling_hash,
+    run_coupling_stage,
+)
+from workflows.storage import location
+from workflows.weights import write_model
+
+TEACHER_HASH = "0123456789abcdef"
+
+
+def random_mlp() -> MLPVelocity:
+    torch.manual_seed(0)
+    return MLPVelocity(dim=2, width=32, depth=2).eval()
+
+
+def make_teacher(folder, model=None):
+    """A finished training stage holding ``model`` (default: :func:`random_mlp`)."""
+    write_model(folder, model or random_mlp())
+    write_manifest(folder, {"hash": TEACHER_HASH, "model": "model"})
+    return folder
+
+
+def constant_field(b: list[float]) -> MLPVelocity:
+    """An MLP whose weights are all zero but the output bias: v(x, t) = b."""
+    model = MLPVelocity(dim=len(b), width=8, depth=2)
+    for parameter in model.parameters():
+        torch.nn.init.zeros_(parameter)
+    with torch.no_grad():
+        model.net[-1].bias.copy_(torch.tensor(b))
+    return model
+
+
+def make_config(**overrides) -> CouplingConfig:
+    values = dict(
+        pairs=480, shard_size=120, solver="rk45@1e-3", seed=3, pi0=NoiseSpec(shape=[2]),
+        batch_size=64, forward_batch=32, workers=1,
+    )
+    return CouplingConfig(**{**values, **overrides})
+
+
+def shard_files(folder) -> dict[str, bytes]:
+    return {name: folder.join(name).read_bytes() for name in folder.list_names() if name.startswith("shard-")}
+
+
+def modified(folder) -> dict[str, object]:
+    """Modification time of every object in ``folder`` (local mtime or S3 LastModified)."""
+    times = {}
+    for name in folder.list_names():
+        info = folder.fs.info(folder.join(name).path)
+        times[name] = info.get("mtime") or info.get("LastModified")
+    return times
+
+
+def wait_for_a_new_second(folder) -> None:
+    """S3's LastModified counts whole seconds: let one pass so that a rewrite shows."""
+    if not folder.is_local:
+        time.sleep(1.1)
+
+
+@pytest.fixture
+def reference(tmp_path):
+    """The shard files of a coupling as a plain in-process loop writes them, one shard at a time."""
+    threads = torch.get_num_threads()
+
+    def make(config: CouplingConfig, teacher) -> dict[str, bytes]:
+        folder = location(str(tmp_path / "reference"))
+        folder.delete()
+        job = ShardJob(
+            teacher=teacher, output=folder, format=coupling_format(config, TEACHER_HASH), pairs=config.pairs,
+            batch_size=config.batch_size, forward_batch=config.forward_batch, cpus=1, gpus=0,
+        )
+        writer = ShardWriter(job)
+        for index in range(shard_count(config.pairs, config.shard_size)):
+            writer.write_shard(index)
+        return shard_files(folder)
+
+    yield make
+    torch.set_num_threads(threads)
+
+
+def assert_each_id_once(output, pairs: int) -> None:
+    coupling = Coupling.open(output)
+    ids = np.concatenate([coupling.read(entry)[0] for entry in coupling.shards])
+    assert ids.tolist() == list(range(pairs))
+
+
+def test_pairs_do_not_depend_on_batch_size_or_workers(storage_root, ray_session, reference, caplog):
+    caplog.set_level(logging.INFO, logger="rectiflow.couple")
+    root = location(storage_root)
+    teacher = make_teacher(root.join("teacher"))
+    one = make_config(workers=1, batch_size=64)
+    two = make_config(workers=2, batch_size=256)
+    first = run_coupling_stage(one, teacher, root.join("one"))
+    second = run_coupling_stage(two, teacher, root.join("two"))
+
+    files = shard_files(root.join("one"))
+    assert sorted(files) == [shard_name(s) for s in range(4)]
+    assert files == shard_files(root.join("two")) == reference(one, teacher)
+    assert first["shards"] == second["shards"] and first["hash"] == coupling_hash(one, TEACHER_HASH)
+    assert_each_id_once(root.join("two"), 480)
+    assert first["nfe"] == second["nfe"] and first["nfe"]["max"] > first["nfe"]["min"] > 2
+    assert any("480/480 pairs (100.0%)" in record.getMessage() for record in caplog.records)
+
+
+def test_resume_rewrites_only_the_missing_shards(storage_root, ray_session, reference):
+    root = location(storage_root)
+    teacher, output = make_teacher(root.join("teacher")), root.join("couple")
+    config = make_config(workers=2)
+    first = run_coupling_stage(config, teacher, output)
+    for name in (shard_name(1), shard_name(3), SUCCESS_FILE):
+        output.join(name).delete()
+    before = modified(output)
+    wait_for_a_new_second(output)
+
+    manifest = run_coupling_stage(config.model_copy(update={"workers": 1, "batch_size": 256}), teacher, output)
+    after = modified(output)
+    changed = {name for name in after if after[name] != before.get(name)}
+    assert changed == {shard_name(1), shard_name(3), SUCCESS_FILE, PROGRESS_FILE}
+    assert (manifest["shards_written"], manifest["shards_reused"]) == (2, 2)
+    assert manifest["shards"] == first["shards"] and manifest["bytes_written"] < manifest["bytes"]
+    assert shard_files(output) == reference(config, teacher)
+    assert_each_id_once(output, 480)
+
+
+KILLED_RUN = """
+import sys, ray
+from workflows.stages.couple import CouplingConfig, run_coupling_stage
+from workflows.storage import location
+address, config, teacher, output = sys.argv[1:]
+ray.init(address=address, log_to_driver=False)
+run_coupling_stage(CouplingConfig.model_validate_json(config), location(teacher), location(output))
+"""
+
+
+def wait_until_settled(folder, seconds: float = 1.5, timeout: float = 60.0) -> None:
+    """Until the listing of ``folder`` has not changed for ``seconds`` (the killed run's actors are gone)."""
+    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        names = folder.list_names()
+        if names != last:
+            last, since = names, time.monotonic()
+        elif time.monotonic() - since >= seconds:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{folder.uri} kept changing after its run was killed")
+
+
+def test_a_killed_run_resumes_exactly_once(storage_root, ray_session, reference, tmp_path):
+    root = location(storage_root)
+    teacher, output = make_teacher(root.join("teacher")), root.join("couple")
+    config = make_config(shard_size=20, batch_size=20)
+    address = ray.get_runtime_context().gcs_address
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", KILLED_RUN, address, config.model_dump_json(), teacher.uri, output.uri],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while len(shard_files(output)) < 2:
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run made no shards in time"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    wait_until_settled(output)
+    before = modified(output)
+    shards_before = [name for name in before if name.startswith("shard-")]
+    assert SUCCESS_FILE not in before and STAGE_FILE in before and 2 <= len(shards_before) < 24
+    wait_for_a_new_second(output)
+
+    manifest = run_coupling_stage(config.model_copy(update={"workers": 2}), teacher, output)
+    after = modified(output)
+    assert all(after[name] == before[name] for name in shards_before)
+    assert manifest["shards_written"] == 24 - len(shards_before) and manifest["shards_reused"] == len(shards_before)
+    assert shard_files(output) == reference(config, teacher)
+    assert_each_id_once(output, 480)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_compact_formats_round_trip_and_any_client_reads_them(tmp_path, ray_session, dtype):
+    root = location(str(tmp_path / "storage"))
+    teacher, output = make_teacher(root.join("teacher")), root.join("couple")
+    config = make_config(solver="euler@8", dtype=dtype, store_x0=False)
+    run_coupling_stage(config, teacher, output)
+
+    ids = np.arange(480)
+    x0 = sample_by_id(config.pi0, config.seed, ids)
+    x1 = generate_pairs(random_mlp(), Solver.parse("euler@8"), x0, chunk=32).x1
+    coupling = Coupling.open(output)
+    read_x0 = torch.cat([coupling.read(entry)[1] for entry in coupling.shards])
+    read_x1 = torch.cat([coupling.read(entry)[2] for entry in coupling.shards])
+    torch.testing.assert_close(read_x0, x0, atol=0, rtol=0)
+    if dtype == "float16":
+        torch.testing.assert_close(read_x1, x1.half().float(), atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(read_x1, x1.clamp(-1, 1), atol=0.5 / 127.5 + 1e-6, rtol=0)
+
+    schema = pq.read_schema(output.join(shard_name(0)).path)
+    assert schema.names == ["pair_id", "x1"] and b'"shape": [2]' in schema.metadata[b"rectiflow"]
+    frame = pd.read_parquet(output.path)
+    assert sorted(frame["pair_id"]) == ids.tolist()
+    count, distinct, smallest, largest = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT pair_id), min(pair_id), max(pair_id) FROM '{output.path}/shard-*.parquet'"
+    ).fetchall()[0]
+    assert (count, distinct, smallest, largest) == (480, 480, 0, 479)
+
+
+@pytest.mark.parametrize("solver, nfe", [("euler@4", 4), ("rk45@1e-5", None)])
+def test_a_constant_field_moves_every_x0_by_b(tmp_path, ray_session, solver, nfe):
+    b = [0.75, -1.5]
+    root = location(str(tmp_path))
+    teacher, output = make_teacher(root.join("teacher"), constant_field(b)), root.join("couple")
+    manifest = run_coupling_stage(make_config(pairs=200, shard_size=100, solver=solver), teacher, output)
+    coupling = Coupling.open(output)
+    for entry in coupling.shards:
+        _, x0, x1 = coupling.read(entry)
+        torch.testing.assert_close(x1, x0 + torch.tensor(b), atol=1e-6, rtol=0)
+    assert manifest["nfe"]["min"] == manifest["nfe"]["max"] == (nfe or manifest["nfe"]["min"])
+    assert manifest["nfe"]["total"] == 200 * manifest["nfe"]["min"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"pairs": 0}, "pairs"),
+        ({"shard_size": 500}, r"shard_size \(500\) is larger than pairs \(480\)"),
+        ({"shard_size": 0}, "shard_size"),
+        ({"solver": "rk4@10"}, "not of the form euler@N"),
+        ({"dtype": "uint8"}, "uint8 stores x1 only"),
+        ({"workers": 0}, "workers"),
+        ({"nonsense": 1}, "nonsense"),
+    ],
+)
+def test_bad_configs_are_refused(overrides, message):
+    with pytest.raises(ValidationError, match=message):
+        make_config(**overrides)
+
+
+def test_config_defaults_and_identity():
+    config = CouplingConfig(pairs=50, solver="rk45@0.00001", seed=0, pi0=NoiseSpec(shape=[2]))
+    assert config.shard_size == 50 and config.solver == "rk45@1e-05"
+    assert CouplingConfig(pairs=10**6, solver="euler@1", seed=0, pi0=NoiseSpec(shape=[2])).shard_size == 10_000
+    faster = config.model_copy(update={"workers": 4, "batch_size": 1024, "gpus_per_worker": 1.0})
+    assert faster.identity() == config.identity() and "workers" not in config.identity()
+
+
+def break_weights(teacher):
+    teacher.join("model", "model.safetensors").write_bytes(b"\x80\x04 not safetensors")
+
+
+def drop_hash(teacher):
+    write_manifest(teacher, {"model": "model"})
+
+
+@pytest.mark.parametrize(
+    "spoil, pi0, message",
+    [
+        (lambda teacher: teacher.delete(), [2], r"teacher .* cannot be loaded: .*not finished"),
+        (break_weights, [2], "not a valid safetensors file"),
+        (drop_hash, [2], "has no 'hash'"),
+        (lambda teacher: None, [3], r"takes inputs of shape \[2\], but pi0 draws samples of shape \[3\]"),
+    ],
+)
+def test_a_bad_teacher_is_refused_and_nothing_is_written(storage_root, spoil, pi0, message):
+    root = location(storage_root)
+    teacher, output = make_teacher(root.join("teacher")), root.join("couple")
+    spoil(teacher)
+    with pytest.raises(CouplingError, match=message):
+        run_coupling_stage(make_config(pi0=NoiseSpec(shape=pi0)), teacher, output)
+    assert output.list_names() == []
+
+
+def test_an_output_of_another_configuration_is_refused(tmp_path, ray_session):
+    root = location(str(tmp_path))
+    teacher, output = make_teacher(root.join("teacher")), root.join("couple")
+    config = make_config(pairs=80, shard_size=40, solver="euler@2")
+    run_coupling_stage(config, teacher, output)
+    output.join(SUCCESS_FILE).delete()
+    before = modified(output)
+
+    with pytest.raises(CouplingError, match=r"already holds shards of another configuration \(seed: 3 there vs 4 here\)"):
+        run_coupling_stage(config.model_copy(update={"seed": 4}), teacher, output)
+    output.join(STAGE_FILE).delete()
+    before.pop(STAGE_FILE)
+    with pytest.raises(ShardError, match=r"shard-000000.parquet belongs to another coupling \(seed: 3 there vs 4 here"):
+        run_coupling_stage(config.model_copy(update={"seed": 4}), teacher, output)
+    smaller = make_config(pairs=40, shard_size=40, solver="euler@2")
+    with pytest.raises(CouplingError, match="holds shard-000001.parquet, but this configuration has only 1 shards"):
+        run_coupling_stage(smaller, teacher, output)
+    assert modified(output) == before
+
+    finished = run_coupling_stage(config, teacher, output)
+    assert finished["shards_written"] == 0
+    teacher.delete()  # a finished stage is returned without touching its teacher
+    assert run_coupling_stage(config, teacher, output) == finished
+    with pytest.raises(CouplingError, match=r"finished coupling of another configuration \(seed: 3 there vs 4 here\)"):
+        run_coupling_stage(config.model_copy(update={"seed": 4}), teacher, output)
+    trained = root.join("trained")
+    write_manifest(trained, {"kind": "train", "hash": TEACHER_HASH})
+    with pytest.raises(CouplingError, match="is a finished stage of kind 'train', not a coupling"):
+        run_coupling_stage(config, teacher, trained)

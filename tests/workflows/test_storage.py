@@ -1,0 +1,102 @@
+import json
+import os
+import threading
+
+import pytest
+
+from workflows.storage import Location, StorageError, location
+
+
+def test_parse_local_and_remote_uris(tmp_path):
+    assert location(str(tmp_path)).uri == str(tmp_path)
+    assert location(f"file://{tmp_path}").uri == str(tmp_path)
+    assert location("s3://bucket/a/b/").uri == "s3://bucket/a/b"
+    assert location("s3://bucket/a").join("b", "c.json").uri == "s3://bucket/a/b/c.json"
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("s3://AKIAEXAMPLE:secret@bucket/x", "embeds credentials"),
+        ("s3://", "no bucket"),
+        ("nosuchproto://x/y", "unknown protocol"),
+        ("file://otherhost/x", "names a host"),
+        ("s3://bucket/x?versionId=3", "query"),
+        ("", "non-empty"),
+    ],
+)
+def test_bad_uris_are_refused(uri, message):
+    with pytest.raises(StorageError, match=message):
+        location(uri)
+
+
+def test_credentials_do_not_appear_in_the_error():
+    with pytest.raises(StorageError) as error:
+        location("s3://AKIAEXAMPLE:verysecret@bucket/x")
+    assert "verysecret" not in str(error.value) and "AKIAEXAMPLE" not in str(error.value)
+
+
+@pytest.mark.parametrize("part", ["..", "../x", "/abs", "a//b", "a/../../b"])
+def test_join_refuses_climbing_out(part):
+    with pytest.raises(StorageError, match="not a plain relative path"):
+        location("s3://bucket/root").join(part)
+
+
+def test_write_read_list_delete(storage_root):
+    root = location(storage_root)
+    target = root.join("stage", "_SUCCESS.json")
+    assert not target.exists()
+    target.write_json({"a": 1})
+    assert target.exists() and target.read_json() == {"a": 1}
+    root.join("stage", "shard-00001.parquet").write_bytes(b"x" * 10)
+    assert root.join("stage").list_names() == ["_SUCCESS.json", "shard-00001.parquet"]
+    assert root.join("stage", "shard-00001.parquet").size() == 10
+    assert root.join("missing").list_names() == []
+    root.join("stage").delete()
+    assert not target.exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        target.read_bytes()
+
+
+def test_create_is_exclusive(storage_root):
+    target = location(storage_root).join("lease.json")
+    assert target.create_bytes(b"first")
+    assert not target.create_bytes(b"second")
+    assert target.read_bytes() == b"first"
+
+
+def test_local_create_has_one_winner_among_racing_threads(tmp_path):
+    target = location(str(tmp_path)).join("lease.json")
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append((i, target.create_bytes(str(i).encode())))) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [i for i, won in results if won]
+    assert len(winners) == 1
+    assert target.read_bytes() == str(winners[0]).encode()
+
+
+def test_local_write_leaves_no_temporary_files(tmp_path):
+    target = location(str(tmp_path)).join("a", "b.bin")
+    target.write_bytes(b"1")
+    target.write_bytes(b"22")
+    assert os.listdir(tmp_path / "a") == ["b.bin"]
+    assert target.read_bytes() == b"22"
+
+
+def test_read_json_names_the_file(tmp_path):
+    bad = location(str(tmp_path)).join("bad.json")
+    bad.write_bytes(b"{not json")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        bad.read_json()
+
+
+def test_arrow_filesystem_sees_the_same_objects(storage_root):
+    import pyarrow.fs
+
+    root = location(storage_root)
+    root.join("x.txt").write_bytes(b"hello")
+    info = root.arrow_fs.get_file_info(root.join("x.txt").path)
+    assert info.type == pyarrow.fs.FileType.File and info.size == 5

@@ -1,0 +1,236 @@
+"""The pipeline file: one YAML that declares a whole run, validated completely before anything runs.
+
+Loading is safe YAML (no object construction). ``--set a.b=value`` overrides are applied to the
+parsed document before validation, the value parsed as a YAML scalar. Every problem is reported
+at once, one line per field (``rounds: must be >= 1``), as a :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rf.models import build_model, input_shape
+from rf.solvers import Solver
+from workflows.distributions import DistributionSpec
+from workflows.stages.couple import CouplingConfig, CouplingSettings
+from workflows.stages.train import Choice, ModelSpec, TrainConfig, TrainSettings
+from workflows.storage import StorageError, location
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_SAMPLERS = ("euler@1", "euler@2", "euler@5", "euler@100", "rk45@1e-5")
+
+
+class ConfigError(ValueError):
+    """The pipeline file is invalid; ``errors`` holds one line per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.errors = errors
+        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  {line}" for line in errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DistillSettings(_Strict):
+    """A k-step distillation: from the coupling of round ``from_round`` (warm-started from that
+    round's flow), or from independent (random) pairs with ``pairs: independent``."""
+
+    name: str | None = None
+    from_round: int = Field(gt=0)
+    pairs: Literal["coupling", "independent"] = "coupling"
+    k: int = Field(1, gt=0)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        if name is not None and not _NAME.match(name):
+            raise ValueError(f"{name!r} is not a plain name (letters, digits, . _ -)")
+        return name
+
+    @property
+    def stage_name(self) -> str:
+        default = f"distill-{self.from_round}" + ("" if self.k == 1 else f"-k{self.k}")
+        default += "-random" if self.pairs == "independent" else ""
+        return self.name or default
+
+
+class EvaluateSettings(_Strict):
+    """What the evaluation measures: samplers, sample count, seed."""
+
+    samplers: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLERS))
+    samples: int = Field(2000, gt=1)
+    ot_samples: int = Field(1000, gt=1)
+    seed: int = Field(1234, ge=0)
+    workers: int = Field(1, gt=0)
+
+    @field_validator("samplers")
+    @classmethod
+    def _samplers(cls, samplers: list[str]) -> list[str]:
+        if not samplers:
+            raise ValueError("list at least one sampler")
+        return [Solver.parse(text).name for text in samplers]
+
+
+class PipelineConfig(_Strict):
+    """One run: data, model, rounds of reflow, distillation, evaluation, storage."""
+
+    name: str
+    storage: str = "./runs"
+    seed: int = Field(0, ge=0)
+    pi0: DistributionSpec
+    pi1: DistributionSpec
+    model: ModelSpec
+    path: Literal["straight", "vp", "subvp"] = "straight"
+    time_sampler: Choice = Choice(name="uniform")
+    rounds: int = Field(2, ge=1, le=10)
+    reflow: Literal["stored", "online"] = "stored"
+    train: TrainSettings = TrainSettings()
+    round_train: dict[int, dict[str, Any]] = Field(default_factory=dict)
+    couple: CouplingSettings | None = None
+    distill: list[DistillSettings] = Field(default_factory=list)
+    baselines: list[Literal["vp", "subvp"]] = Field(default_factory=list)
+    evaluate: EvaluateSettings = EvaluateSettings()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME.match(name) or ".." in name:
+            raise ValueError(f"{name!r} is not a plain name (letters, digits, . _ -; no '/' or '..')")
+        return name
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, uri: str) -> str:
+        try:
+            return location(uri).uri
+        except StorageError as error:
+            raise ValueError(str(error)) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineConfig":
+        problems = []
+        model_shape = input_shape(build_model(self.model.kind, self.model.config))
+        for field_name in ("pi0", "pi1"):
+            shape = list(getattr(self, field_name).shape)
+            if shape != model_shape:
+                problems.append(f"{field_name} has shape {shape} but the model takes {model_shape}")
+        for round_number in self.round_train:
+            if not 1 <= round_number <= self.rounds:
+                problems.append(f"round_train has round {round_number}, but rounds is {self.rounds}")
+            else:
+                problems += _settings_problems(f"round_train.{round_number}", self.round_settings, round_number)
+        needs_pairs = (self.rounds > 1 and self.reflow == "stored") or any(d.pairs == "coupling" for d in self.distill)
+        if needs_pairs and self.couple is None:
+            problems.append("couple: missing (reflow rounds and distillation from couplings need pair settings)")
+        for distill in self.distill:
+            problems += _settings_problems(f"distill {distill.stage_name}: train", self.distill_settings, distill)
+            if distill.from_round > self.rounds:
+                problems.append(f"distill {distill.stage_name}: from_round {distill.from_round} > rounds {self.rounds}")
+            if distill.pairs == "coupling" and self.reflow == "online":
+                problems.append(f"distill {distill.stage_name} needs stored pairs, but reflow is online")
+        names = [d.stage_name for d in self.distill]
+        if len(set(names)) != len(names):
+            problems.append(f"distill stage names repeat: {names}; give them distinct names")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def round_settings(self, round_number: int) -> TrainSettings:
+        """``train`` with this round's ``round_train`` overrides applied."""
+        return TrainSettings(**{**self.train.model_dump(), **self.round_train.get(round_number, {})})
+
+    def distill_settings(self, distill: DistillSettings) -> TrainSettings:
+        """The training settings of a distillation: its round's, with its own ``train`` overrides."""
+        return TrainSettings(**{**self.round_settings(distill.from_round).model_dump(), **distill.train})
+
+    def train_config(self, settings: TrainSettings, seed: int, time_sampler: Choice | None = None,
+                     path: str | None = None, with_model: bool = True) -> TrainConfig:
+        """The :class:`TrainConfig` of one training stage."""
+        return TrainConfig(
+            model=self.model if with_model else None,
+            path=path or self.path,
+            time_sampler=time_sampler or self.time_sampler,
+            seed=seed,
+            **settings.model_dump(),
+        )
+
+    def coupling_config(self, seed: int) -> CouplingConfig:
+        """The :class:`CouplingConfig` of one coupling stage."""
+        return CouplingConfig(pi0=self.pi0, seed=seed, **self.couple.model_dump())
+
+
+def _settings_problems(where: str, build: Any, *args: Any) -> list[str]:
+    """Problems of the training settings ``build(*args)`` makes, prefixed by ``where``."""
+    try:
+        build(*args)
+    except ValidationError as error:
+        return [f"{where}.{line}" for line in _format(error)]
+    return []
+
+
+def _set(document: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` to the parsed document (creating mappings on the way)."""
+    if "=" not in assignment:
+        raise ConfigError("--set", [f"{assignment!r} is not of the form key=value"])
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError("--set", [f"{key!r} is not a dotted key like train.steps"])
+    target = document
+    for part in parts[:-1]:
+        child = target.get(part)
+        if child is None:
+            child = target[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError("--set", [f"{key}: {part} is not a mapping"])
+        target = child
+    try:
+        target[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError("--set", [f"{key}: {error}"]) from None
+
+
+def _format(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{where or '(top level)'}: {message}")
+    return lines
+
+
+def parse_pipeline(document: Any, overrides: list[str] = (), source: str = "pipeline") -> PipelineConfig:
+    """Validate a parsed pipeline document (with ``key=value`` overrides applied)."""
+    if not isinstance(document, dict):
+        raise ConfigError(source, ["(top level): the pipeline file must be a mapping of keys to values"])
+    document = yaml.safe_load(yaml.safe_dump(document))  # a deep copy of plain data
+    for assignment in overrides:
+        _set(document, assignment)
+    try:
+        return PipelineConfig.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(source, _format(error)) from None
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = (), storage: str | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(str(path), [f"cannot read the file: {error.strerror}"]) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), [f"not valid YAML: {error}"]) from None
+    extra = [f"storage={storage}"] if storage else []
+    return parse_pipeline(document, [*overrides, *extra], str(path))

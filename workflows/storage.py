@@ -1,0 +1,205 @@
+"""Storage locations: one place that turns a URI into what fsspec, pyarrow, Ray Data and Ray Train
+need, and writes objects so that readers only ever see complete ones.
+
+A location is a local path, ``file://…``, ``s3://bucket/prefix`` (s3fs) or any other fsspec
+protocol that is installed. Endpoints and credentials come from the standard chain of each
+backend (for S3: ``AWS_ENDPOINT_URL``, the ``AWS_*`` environment variables, profiles, instance or
+pod identity); a URI that embeds credentials is refused, so none can end up in a manifest, log or
+report.
+
+Visibility rules:
+
+- :meth:`Location.write_bytes` — local disk: write a temporary file beside the target, fsync,
+  rename over the target; object stores: a single PUT (or a multipart upload, completed in one
+  call). Either way a reader sees the old object or the whole new one.
+- :meth:`Location.create_bytes` — the same, but only if the object does not exist yet
+  (``os.link`` on a local disk, ``If-None-Match: *`` on S3). Returns False when it existed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlsplit
+
+import fsspec
+import pyarrow.fs
+
+_REMOTE_OPTIONS: dict[str, dict[str, Any]] = {
+    # Listings must never be served from a cache: whether a shard or manifest exists decides
+    # what runs.
+    "s3": {"use_listings_cache": False},
+    "gs": {"use_listings_cache": False},
+}
+
+
+class StorageError(ValueError):
+    """A storage URI is malformed or unusable."""
+
+
+def _split(uri: str) -> tuple[str, str]:
+    """(protocol, path) for a URI or local path; local paths become absolute."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise StorageError(f"storage URI must be a non-empty string, got {uri!r}")
+    uri = uri.strip()
+    if "://" not in uri:
+        return "file", os.path.abspath(os.path.expanduser(uri))
+    parts = urlsplit(uri)
+    protocol = parts.scheme.lower()
+    if parts.username or parts.password:
+        raise StorageError(
+            f"storage URI {protocol}://…@{parts.hostname} embeds credentials; remove them and "
+            "use the standard credential chain (environment, profile or cloud identity)"
+        )
+    if parts.query or parts.fragment:
+        raise StorageError(f"storage URI {uri!r} must not have a query or fragment")
+    if protocol == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"file URI {uri!r} names a host; use file:///absolute/path")
+        return "file", os.path.abspath(parts.path)
+    if protocol not in fsspec.available_protocols():
+        raise StorageError(f"storage URI {uri!r}: unknown protocol {protocol!r}")
+    if not parts.netloc:
+        raise StorageError(f"storage URI {uri!r} has no bucket or host")
+    path = posixpath.normpath(f"{parts.netloc}/{parts.path.lstrip('/')}").rstrip("/")
+    return protocol, path
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder on some filesystem, addressed by ``uri``."""
+
+    protocol: str
+    path: str
+
+    @classmethod
+    def parse(cls, uri: str) -> "Location":
+        protocol, path = _split(uri)
+        return cls(protocol, path)
+
+    @property
+    def uri(self) -> str:
+        return self.path if self.protocol == "file" else f"{self.protocol}://{self.path}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def join(self, *parts: str) -> "Location":
+        """A child location; parts may not climb out with ``..`` or be absolute."""
+        for part in parts:
+            pieces = part.split("/")
+            if part.startswith("/") or ".." in pieces or "" in pieces:
+                raise StorageError(f"path component {part!r} under {self.uri} is not a plain relative path")
+        return Location(self.protocol, posixpath.join(self.path, *parts))
+
+    @cached_property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem (instances are shared per protocol)."""
+        try:
+            return fsspec.filesystem(self.protocol, **_REMOTE_OPTIONS.get(self.protocol, {}))
+        except ImportError as error:
+            raise StorageError(f"storage URI {self.uri}: the {self.protocol} backend is not installed ({error})") from None
+
+    @cached_property
+    def arrow_fs(self) -> pyarrow.fs.FileSystem:
+        """A pyarrow filesystem over the same fsspec backend (for pyarrow, Ray Data, Ray Train)."""
+        if self.is_local:
+            return pyarrow.fs.LocalFileSystem()
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.path))
+
+    def read_bytes(self) -> bytes:
+        try:
+            return self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri} does not exist") from None
+
+    def read_json(self) -> Any:
+        data = self.read_bytes()
+        try:
+            return json.loads(data)
+        except ValueError as error:
+            raise ValueError(f"{self.uri} is not valid JSON: {error}") from None
+
+    def size(self) -> int:
+        return int(self.fs.size(self.path))
+
+    def list_names(self) -> list[str]:
+        """Names of the entries directly under this folder ([] when it does not exist)."""
+        try:
+            entries = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(str(entry).rstrip("/")) for entry in entries)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write the whole object so that readers never see a partial one."""
+        if self.is_local:
+            self._write_local(data, exclusive=False)
+        else:
+            self.fs.pipe_file(self.path, data)
+
+    def create_bytes(self, data: bytes) -> bool:
+        """Like :meth:`write_bytes`, but only when nothing is there yet; False if it existed."""
+        if self.is_local:
+            return self._write_local(data, exclusive=True)
+        try:
+            self.fs.pipe_file(self.path, data, mode="create")
+        except (FileExistsError, OSError) as error:
+            if isinstance(error, FileExistsError) or "PreconditionFailed" in str(error) or "412" in str(error):
+                return False
+            raise
+        return True
+
+    def write_json(self, value: Any) -> None:
+        self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode())
+
+    def delete(self) -> None:
+        """Remove the object, or the folder and everything under it (missing is fine)."""
+        if self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
+
+    def _write_local(self, data: bytes, exclusive: bool) -> bool:
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        temporary = os.path.join(directory, f".{self.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if not exclusive:
+                os.replace(temporary, self.path)
+                return True
+            try:
+                os.link(temporary, self.path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+
+def location(uri: str | Location) -> Location:
+    """``uri`` as a :class:`Location` (a Location is returned unchanged)."""
+    return uri if isinstance(uri, Location) else Location.parse(uri)
