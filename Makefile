@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) benchmarks/toy_table.py
+	$(VENV)/bin/rectiflow run configs/toy2d.yaml
 
 toy-table: $(STAMP)
 	$(PY) benchmarks/toy_table.py

@@ -141,7 +141,7 @@ def main() -> None:
     server = start_s3()
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     root = location(f"s3://{BUCKET}/throughput")
     teacher = root.join("teacher")
     model = make_teacher(teacher)

@@ -105,7 +105,7 @@ def main() -> None:
         print(f"wrote {args.pairs} and {10 * args.pairs} pairs ({gigabytes:.2f} GB of x0 + x1 at 10x)", flush=True)
         peaks = {}
         for factor in (1, 10):
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
             peaks[factor] = train_on(base.join(f"pairs-{factor}x"), base.join(f"train-{factor}x"), factor * args.pairs)
             ray.shutdown()
             print(f"{factor}x: peak memory (PSS) {peaks[factor] / 2**20:.0f} MiB", flush=True)

@@ -87,7 +87,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rates: dict[str, list[float]] = {"plain": [], "1": [], "2": []}
     with tempfile.TemporaryDirectory() as root:
         for attempt, order in enumerate((("plain", "1", "2"), ("2", "1", "plain"))):

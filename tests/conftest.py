@@ -75,6 +75,7 @@ def ray_session(s3_endpoint):
     import ray
 
     context = ray.init(
+        address="local",
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",

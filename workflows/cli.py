@@ -1,19 +1,109 @@
-"""The ``rectiflow`` command."""
+"""The ``rectiflow`` command: run, submit, follow and inspect pipelines.
+
+    rectiflow run PIPELINE.yaml [--storage URI] [--set key=value …] [--address ADDR] [--no-wait]
+    rectiflow submit PIPELINE.yaml --address http://HEAD:8265 [--storage URI] [--set …] [--no-wait]
+    rectiflow logs JOB_ID --address http://HEAD:8265 [--follow]
+    rectiflow status RUN_URI [--json]
+    rectiflow report RUN_URI
+    rectiflow validate PIPELINE.yaml [--storage URI] [--set …]
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
-        prog="rectiflow",
-        description="Rectified flow as a resumable workflow on Ray. The pipeline commands "
-        "(run, submit, status, report) arrive with the pipeline; `make demo` runs the toy table.",
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", help="the pipeline YAML file")
+    parser.add_argument("--storage", help="storage root URI (overrides the file's `storage`)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a setting, e.g. --set train.steps=500 (repeatable)",
     )
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rectiflow",
+        description="Rectified flow (Liu, Gong, Liu, ICLR 2023) as a resumable, exactly-once pipeline on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run or resume a pipeline here (local Ray, or the cluster in RAY_ADDRESS)")
+    _pipeline_arguments(run)
+    run.add_argument("--address", help="Ray address to connect to (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--no-wait", action="store_true",
+                     help="when another run holds a stage's lease, report who holds it and stop instead of waiting")
+
+    submit = commands.add_parser("submit", help="submit a pipeline to a Ray cluster through the Ray Jobs API")
+    _pipeline_arguments(submit)
+    submit.add_argument("--address", required=True, help="the cluster's dashboard address, e.g. http://HEAD:8265")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    submit.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir (default: .)")
+
+    logs = commands.add_parser("logs", help="print a submitted job's logs")
+    logs.add_argument("job_id")
+    logs.add_argument("--address", required=True, help="the cluster's dashboard address")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+
+    status = commands.add_parser("status", help="the stage table of a run, read from storage (no Ray needed)")
+    status.add_argument("run", help="the run's URI: {storage}/{name}")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    report = commands.add_parser("report", help="rebuild a run's report from stored results")
+    report.add_argument("run", help="the run's URI: {storage}/{name}")
+
+    validate = commands.add_parser("validate", help="validate a pipeline file and print its stages; runs nothing")
+    _pipeline_arguments(validate)
+    return parser
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    from workflows import commands
+
+    return getattr(commands, name)
+
+
+def use_configured_token() -> None:
+    """Ray clients send the cluster's auth token only in token mode, and Ray reads the mode when
+    it is imported. So when a token is configured (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``) and no mode is set, switch token mode on before anything imports Ray."""
+    configured = (
+        "RAY_AUTH_TOKEN" in os.environ
+        or "RAY_AUTH_TOKEN_PATH" in os.environ
+        or os.path.exists(os.path.expanduser("~/.ray/auth_token"))
+    )
+    if configured and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    build_parser().print_help()
-    return 0
+    args = build_parser().parse_args(argv)
+    use_configured_token()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from workflows.config import ConfigError
+    from workflows.storage import StorageError
+
+    try:
+        return _command(args.command)(args)
+    except (ConfigError, StorageError) as error:
+        print(f"rectiflow: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("rectiflow: interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

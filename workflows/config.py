@@ -15,14 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rf.models import build_model, input_shape
-from rf.solvers import Solver
 from workflows.distributions import DistributionSpec
-from workflows.stages.couple import CouplingConfig, CouplingSettings
-from workflows.stages.train import Choice, ModelSpec, TrainConfig, TrainSettings
+from workflows.stages.couple import CouplingSettings
+from workflows.stages.evaluate import EvalSettings
+from workflows.stages.train import Choice, ModelSpec, TrainSettings, checked_time_sampler
 from workflows.storage import StorageError, location
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-DEFAULT_SAMPLERS = ("euler@1", "euler@2", "euler@5", "euler@100", "rk45@1e-5")
 
 
 class ConfigError(ValueError):
@@ -61,23 +60,6 @@ class DistillSettings(_Strict):
         return self.name or default
 
 
-class EvaluateSettings(_Strict):
-    """What the evaluation measures: samplers, sample count, seed."""
-
-    samplers: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLERS))
-    samples: int = Field(2000, gt=1)
-    ot_samples: int = Field(1000, gt=1)
-    seed: int = Field(1234, ge=0)
-    workers: int = Field(1, gt=0)
-
-    @field_validator("samplers")
-    @classmethod
-    def _samplers(cls, samplers: list[str]) -> list[str]:
-        if not samplers:
-            raise ValueError("list at least one sampler")
-        return [Solver.parse(text).name for text in samplers]
-
-
 class PipelineConfig(_Strict):
     """One run: data, model, rounds of reflow, distillation, evaluation, storage."""
 
@@ -96,7 +78,7 @@ class PipelineConfig(_Strict):
     couple: CouplingSettings | None = None
     distill: list[DistillSettings] = Field(default_factory=list)
     baselines: list[Literal["vp", "subvp"]] = Field(default_factory=list)
-    evaluate: EvaluateSettings = EvaluateSettings()
+    evaluate: EvalSettings = EvalSettings()
 
     @field_validator("name")
     @classmethod
@@ -104,6 +86,8 @@ class PipelineConfig(_Strict):
         if not _NAME.match(name) or ".." in name:
             raise ValueError(f"{name!r} is not a plain name (letters, digits, . _ -; no '/' or '..')")
         return name
+
+    _time_sampler = field_validator("time_sampler")(checked_time_sampler)
 
     @field_validator("storage")
     @classmethod
@@ -150,21 +134,6 @@ class PipelineConfig(_Strict):
         """The training settings of a distillation: its round's, with its own ``train`` overrides."""
         return TrainSettings(**{**self.round_settings(distill.from_round).model_dump(), **distill.train})
 
-    def train_config(self, settings: TrainSettings, seed: int, time_sampler: Choice | None = None,
-                     path: str | None = None, with_model: bool = True) -> TrainConfig:
-        """The :class:`TrainConfig` of one training stage."""
-        return TrainConfig(
-            model=self.model if with_model else None,
-            path=path or self.path,
-            time_sampler=time_sampler or self.time_sampler,
-            seed=seed,
-            **settings.model_dump(),
-        )
-
-    def coupling_config(self, seed: int) -> CouplingConfig:
-        """The :class:`CouplingConfig` of one coupling stage."""
-        return CouplingConfig(pi0=self.pi0, seed=seed, **self.couple.model_dump())
-
 
 def _settings_problems(where: str, build: Any, *args: Any) -> list[str]:
     """Problems of the training settings ``build(*args)`` makes, prefixed by ``where``."""
@@ -183,18 +152,32 @@ def _set(document: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError("--set", [f"{key!r} is not a dotted key like train.steps"])
-    target = document
+    target: Any = document
     for part in parts[:-1]:
+        if isinstance(target, list):
+            target = _list_item(target, part, key)
+            continue
         child = target.get(part)
         if child is None:
             child = target[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError("--set", [f"{key}: {part} is not a mapping"])
+        if not isinstance(child, (dict, list)):
+            raise ConfigError("--set", [f"{key}: {part} is not a mapping or a list"])
         target = child
     try:
-        target[parts[-1]] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError as error:
         raise ConfigError("--set", [f"{key}: {error}"]) from None
+    if isinstance(target, list):
+        _list_item(target, parts[-1], key)
+        target[int(parts[-1])] = value
+    else:
+        target[parts[-1]] = value
+
+
+def _list_item(items: list[Any], index: str, key: str) -> Any:
+    if not index.isdigit() or int(index) >= len(items):
+        raise ConfigError("--set", [f"{key}: {index} is not an index of a list of {len(items)}"])
+    return items[int(index)]
 
 
 def _format(error: ValidationError) -> list[str]:

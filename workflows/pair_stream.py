@@ -6,6 +6,8 @@ read from step s on:
 
 - **independent pairs** (1-RF): row j of step s on rank r is example g = s·W·b + r·b + j, with
   X0 = π0(seed₀, g) and X1 = π1(seed₁, g) drawn by id — fresh pairs every step.
+- **online reflow**: like independent pairs, but X1 = Flow(X0) solved on the fly from a frozen
+  teacher instead of read from a coupling stage (no shards; every epoch pays the ODE again).
 - **coupling shards** (reflow, distillation): epoch e deals the shards, in an order permuted by
   (seed, e), round-robin to the ranks (rank r gets every W-th); a rank reads its shards one
   after another, each rotated by an (seed, e, shard)-dependent offset, then moves to epoch e + 1.
@@ -23,6 +25,7 @@ there, so a worker restart does not re-read the data before it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -30,11 +33,15 @@ from typing import Any, Iterator
 
 import numpy as np
 import ray.data
+import torch
 
+from rf.coupling import generate_pairs
 from rf.noise import uniform
+from rf.solvers import Solver
 from workflows.distributions import NoiseSpec, ToySpec, sample_by_id
 from workflows.shards import Coupling
 from workflows.storage import Location
+from workflows.weights import load_stage_model
 
 logger = logging.getLogger("rectiflow.train")
 
@@ -56,6 +63,33 @@ class IndependentSource:
     @property
     def shape(self) -> list[int]:
         return list(self.pi1.shape)
+
+
+@dataclass(frozen=True)
+class OnlineSource:
+    """X0 ~ π0 by example id and X1 = teacher flow of X0, solved when the row is read."""
+
+    teacher: Location
+    pi0: NoiseSpec | ToySpec
+    seed: int
+    solver: str
+    forward_batch: int = 256
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self.pi0.shape)
+
+    def pairs(self, examples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x0 = sample_by_id(self.pi0, self.seed, examples)
+        solved = generate_pairs(_teacher(self.teacher), Solver.parse(self.solver), x0, chunk=self.forward_batch)
+        return solved.x0.numpy(), solved.x1.numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _teacher(stage: Location) -> torch.nn.Module:
+    """The teacher's model, loaded once per process."""
+    model, _ = load_stage_model(stage)
+    return model
 
 
 @dataclass(frozen=True)
@@ -128,7 +162,7 @@ def _independent_segments(first: int, rows: int) -> Iterator[Segment]:
 class StreamPlan:
     """Everything that defines the per-rank streams of one training run."""
 
-    source: IndependentSource | CouplingSource
+    source: IndependentSource | OnlineSource | CouplingSource
     world: int
     rank_batch: int
     steps: int
@@ -155,6 +189,9 @@ class StreamPlan:
             pair_ids = examples
             x0 = sample_by_id(self.source.pi0, self.source.seed0, examples).numpy()
             x1 = sample_by_id(self.source.pi1, self.source.seed1, examples).numpy()
+        elif isinstance(self.source, OnlineSource):
+            pair_ids = examples
+            x0, x1 = self.source.pairs(examples)
         else:
             entry = self.source.coupling.shards[segment.shard]
             ids, x0_all, x1_all = self.source.coupling.read(entry)

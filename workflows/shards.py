@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from workflows.distributions import DistributionSpec, sample_by_id
-from workflows.stage import read_manifest
+from workflows.stage import describe_differences, read_manifest
 from workflows.storage import Location
 
 FORMAT_VERSION = 1
@@ -77,16 +77,6 @@ def shard_range(index: int, shard_size: int, pairs: int) -> tuple[int, int]:
 
 def shard_count(pairs: int, shard_size: int) -> int:
     return -(-pairs // shard_size)
-
-
-def describe_differences(expected: dict[str, Any], found: dict[str, Any]) -> str:
-    """``key: found (there) vs expected (here)`` for every top-level key whose values differ."""
-    keys = sorted(set(expected) | set(found), key=str)
-    return "; ".join(
-        f"{key}: {json.dumps(found.get(key))} there vs {json.dumps(expected.get(key))} here"
-        for key in keys
-        if expected.get(key) != found.get(key)
-    )
 
 
 def _encode(values: torch.Tensor, dtype: StoredDtype, what: str) -> pa.FixedSizeListArray:

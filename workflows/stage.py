@@ -24,6 +24,8 @@ from typing import Any
 from workflows.storage import Location
 
 SUCCESS_FILE = "_SUCCESS.json"
+PLAN_FILE = "pipeline.json"
+"""At a run's root: the plan of its stages (written by the pipeline, read by status and report)."""
 HASH_LENGTH = 16
 
 
@@ -52,6 +54,41 @@ def read_manifest(output: Location) -> dict[str, Any]:
     if not marker.exists():
         raise StageNotFinished(f"stage output {output.uri} is not finished (no {SUCCESS_FILE})")
     return marker.read_json()
+
+
+def describe_differences(expected: dict[str, Any], found: dict[str, Any]) -> str:
+    """``key: found (there) vs expected (here)`` for every top-level key whose values differ."""
+    keys = sorted(set(expected) | set(found), key=str)
+    return "; ".join(
+        f"{key}: {json.dumps(found.get(key))} there vs {json.dumps(expected.get(key))} here"
+        for key in keys
+        if expected.get(key) != found.get(key)
+    )
+
+
+def finished_manifest(
+    output: Location, kind: str, noun: str, expected: dict[str, dict[str, Any]], error: type[Exception]
+) -> dict[str, Any] | None:
+    """The manifest when ``output`` is a finished stage of ``kind`` whose manifest holds the
+    ``expected`` values under each key (e.g. ``{"identity": config.identity()}``); None when it is
+    unfinished. Raises ``error`` naming the differences when it is another stage's output."""
+    if not is_done(output):
+        return None
+    manifest = read_manifest(output)
+    article = "an" if noun[:1] in "aeiou" else "a"
+    if manifest.get("kind") != kind:
+        raise error(f"output {output.uri} is a finished stage of kind {manifest.get('kind')!r}, not {article} {noun}")
+    differences = [
+        describe_differences(values, manifest.get(key) or {})
+        for key, values in expected.items()
+        if manifest.get(key) != values
+    ]
+    if differences:
+        raise error(
+            f"output {output.uri} is a finished {noun} of another configuration "
+            f"({'; '.join(differences)}); choose another output location"
+        )
+    return manifest
 
 
 def write_manifest(output: Location, manifest: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from rf.metrics.transport import (
     exact_ot_cost,
     pairing_ratio,
     straightness,
+    straightness_per_sample,
     transport_cost,
     wasserstein2,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "pairing_ratio",
     "precision_recall",
     "straightness",
+    "straightness_per_sample",
     "transport_cost",
     "wasserstein2",
 ]

@@ -16,26 +16,36 @@ import numpy as np
 import ot
 import torch
 
+from rf.solvers import tree_sum
 
-def straightness(trajectory: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """S(Z) from a solver trajectory [(t_k, Z_k)] (t_k of shape (B,), per sample).
+
+def straightness_per_sample(trajectory: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """S_i of each sample from a solver trajectory [(t_k, Z_k)] (t_k of shape (B,), per sample).
 
     On each interval Ż is the difference quotient (Z_{k+1} − Z_k)/(t_{k+1} − t_k), so
-    S ≈ Σ_k Δt_k · E‖(Z1 − Z0) − ΔZ_k/Δt_k‖²; intervals with Δt = 0 (a finished sample) add 0.
+    S_i = Σ_k Δt_k · ‖(Z1 − Z0) − ΔZ_k/Δt_k‖² for sample i; intervals with Δt = 0 (a rejected
+    RK45 step, a finished sample) add 0. Float64 of shape (B,); the squared norm is a
+    :func:`rf.solvers.tree_sum`, so a sample's value does not depend on its batch.
     """
     if len(trajectory) < 2:
         raise ValueError("straightness needs a trajectory of at least two states")
     z0, z1 = trajectory[0][1].double(), trajectory[-1][1].double()
-    chord = (z1 - z0).flatten(1)
-    total = torch.zeros(z0.shape[0], dtype=torch.float64)
+    chord = z1 - z0
+    total = torch.zeros(z0.shape[0], dtype=torch.float64, device=z0.device)
     for (t_a, z_a), (t_b, z_b) in zip(trajectory[:-1], trajectory[1:]):
         dt = (t_b.double() - t_a.double()).reshape(-1)
         moving = dt > 0
         if not moving.any():
             continue
-        slope = (z_b.double() - z_a.double()).flatten(1)[moving] / dt[moving, None]
-        total[moving] += dt[moving] * (chord[moving] - slope).pow(2).sum(1)
-    return float(total.mean())
+        step = torch.where(moving, dt, torch.ones_like(dt)).reshape(-1, *([1] * (z0.dim() - 1)))
+        slope = (z_b.double() - z_a.double()) / step
+        total += torch.where(moving, dt * tree_sum((chord - slope) ** 2), torch.zeros_like(dt))
+    return total
+
+
+def straightness(trajectory: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """S(Z) ≈ E_i S_i: the batch mean of :func:`straightness_per_sample`."""
+    return float(straightness_per_sample(trajectory).mean())
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:

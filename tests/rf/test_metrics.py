@@ -13,10 +13,11 @@ from rf.metrics import (
     pairing_ratio,
     precision_recall,
     straightness,
+    straightness_per_sample,
     transport_cost,
     wasserstein2,
 )
-from rf.solvers import euler
+from rf.solvers import euler, rk45
 
 
 def test_crossing_rate_on_hand_built_segments():
@@ -110,3 +111,22 @@ def test_straightness_zero_for_straight_paths_and_positive_for_curved():
     # closed form for the exact quarter rotation: E‖x0‖²·((π/2)² − 2) (speed (π/2)|x0|, chord √2|x0|)
     expected = (x0.pow(2).sum(1).mean() * ((torch.pi / 2) ** 2 - 2)).item()
     assert s == pytest.approx(expected, rel=0.02)
+
+
+def test_straightness_per_sample_has_each_samples_closed_form_whatever_the_batch():
+    """A quarter rotation moves x0 along a quarter circle: S_i = ‖x0_i‖²((π/2)² − 2). RK45 with
+    per-sample steps leaves Δt = 0 intervals (rejected steps, finished samples), which add 0."""
+    x0 = torch.randn(40, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def rotation(x, t):
+        return torch.stack([-x[:, 1], x[:, 0]], 1) * (torch.pi / 2)
+
+    solution = rk45(rotation, x0, rtol=1e-8, atol=1e-8, return_trajectory=True)
+    per_sample = straightness_per_sample(solution.trajectory)
+    expected = x0.pow(2).sum(1) * ((torch.pi / 2) ** 2 - 2)
+    torch.testing.assert_close(per_sample, expected, rtol=0.02, atol=1e-6)
+    assert straightness(solution.trajectory) == pytest.approx(float(per_sample.mean()), rel=1e-12)
+    fixed = euler(rotation, x0, 50, return_trajectory=True).trajectory
+    whole = straightness_per_sample(fixed)
+    halves = [straightness_per_sample([(t[rows], z[rows]) for t, z in fixed]) for rows in (slice(0, 13), slice(13, 40))]
+    assert torch.equal(torch.cat(halves), whole)

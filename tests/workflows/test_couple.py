@@ -17,8 +17,8 @@ import torch
 from pydantic import ValidationError
 
 from rf.coupling import generate_pairs
-from rf.models import MLPVelocity
 from rf.solvers import Solver
+from tests.workflows.helpers import break_weights, constant_field, drop_hash, random_mlp
 from workflows.distributions import NoiseSpec, sample_by_id
 from workflows.shards import Coupling, ShardError, shard_count, shard_name
 from workflows.stage import PROGRESS_FILE, SUCCESS_FILE, write_manifest
@@ -38,26 +38,11 @@ from workflows.weights import write_model
 TEACHER_HASH = "0123456789abcdef"
 
 
-def random_mlp() -> MLPVelocity:
-    torch.manual_seed(0)
-    return MLPVelocity(dim=2, width=32, depth=2).eval()
-
-
 def make_teacher(folder, model=None):
     """A finished training stage holding ``model`` (default: :func:`random_mlp`)."""
     write_model(folder, model or random_mlp())
     write_manifest(folder, {"hash": TEACHER_HASH, "model": "model"})
     return folder
-
-
-def constant_field(b: list[float]) -> MLPVelocity:
-    """An MLP whose weights are all zero but the output bias: v(x, t) = b."""
-    model = MLPVelocity(dim=len(b), width=8, depth=2)
-    for parameter in model.parameters():
-        torch.nn.init.zeros_(parameter)
-    with torch.no_grad():
-        model.net[-1].bias.copy_(torch.tensor(b))
-    return model
 
 
 def make_config(**overrides) -> CouplingConfig:
@@ -272,14 +257,6 @@ def test_config_defaults_and_identity():
     assert CouplingConfig(pairs=10**6, solver="euler@1", seed=0, pi0=NoiseSpec(shape=[2])).shard_size == 10_000
     faster = config.model_copy(update={"workers": 4, "batch_size": 1024, "gpus_per_worker": 1.0})
     assert faster.identity() == config.identity() and "workers" not in config.identity()
-
-
-def break_weights(teacher):
-    teacher.join("model", "model.safetensors").write_bytes(b"\x80\x04 not safetensors")
-
-
-def drop_hash(teacher):
-    write_manifest(teacher, {"model": "model"})
 
 
 @pytest.mark.parametrize(

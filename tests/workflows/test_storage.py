@@ -1,10 +1,9 @@
-import json
 import os
 import threading
 
 import pytest
 
-from workflows.storage import Location, StorageError, location
+from workflows.storage import StorageError, location
 
 
 def test_parse_local_and_remote_uris(tmp_path):

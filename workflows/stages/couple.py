@@ -42,16 +42,13 @@ import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rf.checkpoint import CheckpointError
 from rf.coupling import Pairs, generate_pairs
-from rf.models import input_shape
 from rf.solvers import Solver
 from workflows.distributions import DistributionSpec, sample_by_id
 from workflows.shards import (
     CouplingFormat,
     ShardEntry,
     StoredDtype,
-    describe_differences,
     encode_shard,
     inspect_shard,
     shard_count,
@@ -60,17 +57,16 @@ from workflows.shards import (
 )
 from workflows.stage import (
     StageClock,
-    StageNotFinished,
     code_version,
-    is_done,
+    describe_differences,
+    finished_manifest,
     process_cpu_seconds,
-    read_manifest,
     stage_hash,
     write_manifest,
     write_progress,
 )
 from workflows.storage import Location
-from workflows.weights import load_stage_model
+from workflows.weights import load_input_model, load_stage_model
 
 KIND = "couple"
 STAGE_FILE = "_STAGE.json"
@@ -169,39 +165,6 @@ def coupling_format(config: CouplingConfig, teacher_hash: str) -> CouplingFormat
 
 
 # -- validation (nothing is written here) ---------------------------------------------------------
-
-
-def _finished_manifest(output: Location, config: CouplingConfig) -> dict[str, Any] | None:
-    """The manifest when ``output`` is a finished coupling of ``config``, None when unfinished."""
-    if not is_done(output):
-        return None
-    manifest = read_manifest(output)
-    if manifest.get("kind") != KIND:
-        raise CouplingError(f"output {output.uri} is a finished stage of kind {manifest.get('kind')!r}, not a coupling")
-    found = manifest.get("identity") or {}
-    if found != config.identity():
-        raise CouplingError(
-            f"output {output.uri} is a finished coupling of another configuration "
-            f"({describe_differences(config.identity(), found)}); choose another output location"
-        )
-    return manifest
-
-
-def _check_teacher(teacher: Location, pi0_shape: list[int]) -> str:
-    """Load the teacher once (finished, loadable, taking π0's shape); return its hash."""
-    try:
-        model, manifest = load_stage_model(teacher)
-    except (StageNotFinished, CheckpointError, OSError, ValueError) as error:
-        raise CouplingError(f"teacher {teacher.uri} cannot be loaded: {error}") from None
-    teacher_hash = manifest.get("hash")
-    if not isinstance(teacher_hash, str) or not teacher_hash:
-        raise CouplingError(f"teacher {teacher.uri}: its _SUCCESS.json has no 'hash'")
-    shape = input_shape(model)
-    if shape != list(pi0_shape):
-        raise CouplingError(
-            f"teacher {teacher.uri} takes inputs of shape {shape}, but pi0 draws samples of shape {list(pi0_shape)}"
-        )
-    return teacher_hash
 
 
 def _stage_record(config: CouplingConfig, teacher_hash: str) -> dict[str, Any]:
@@ -436,12 +399,12 @@ def run_coupling_stage(config: CouplingConfig, teacher: Location, output: Locati
     Validates everything before writing anything; when ``output`` is already finished, returns
     its manifest without loading the teacher."""
     config = CouplingConfig.model_validate(config)
-    finished = _finished_manifest(output, config)
+    finished = finished_manifest(output, KIND, "coupling", {"identity": config.identity()}, CouplingError)
     if finished is not None:
         logger.info("coupling %s is finished; nothing to do", output.uri)
         return finished
     clock, driver_cpu = StageClock(), process_cpu_seconds()
-    teacher_hash = _check_teacher(teacher, config.pi0.shape)
+    _, teacher_hash = load_input_model(teacher, "teacher", config.pi0.shape, CouplingError)
     fmt = coupling_format(config, teacher_hash)
     record = _stage_record(config, teacher_hash)
     claimed = _check_stage_record(output, record)

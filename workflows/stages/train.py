@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import ray.train
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -45,7 +43,7 @@ from rf.noise import uniform
 from rf.paths import make_path
 from rf.timesteps import make_time_sampler
 from rf.training import NonFiniteLossError, VelocityTrainer
-from workflows.pair_stream import CouplingSource, IndependentSource, StreamPlan, rank_datasets
+from workflows.pair_stream import CouplingSource, IndependentSource, OnlineSource, StreamPlan, rank_datasets
 from workflows.shards import Coupling
 from workflows.stage import (
     StageClock,
@@ -100,6 +98,12 @@ class Choice(_Strict):
     options: dict[str, float] = Field(default_factory=dict)
 
 
+def checked_time_sampler(choice: Choice) -> Choice:
+    """``choice`` when it names a buildable time sampler (else the sampler's ValueError)."""
+    make_time_sampler(choice.name, **choice.options)
+    return choice
+
+
 class TrainSettings(_Strict):
     """How to train: optimisation, loss, length, resources (what a pipeline sets per round)."""
 
@@ -144,8 +148,7 @@ class TrainConfig(TrainSettings):
     @field_validator("time_sampler")
     @classmethod
     def _time_sampler(cls, choice: Choice) -> Choice:
-        make_time_sampler(choice.name, **choice.options)
-        return choice
+        return checked_time_sampler(choice)
 
     def identity(self) -> dict[str, Any]:
         """Fields that decide the trained weights (not checkpointing, retries or logging)."""
@@ -283,21 +286,28 @@ def _train_worker(loop: dict[str, Any]) -> None:
 
 def _resolve_model(config: TrainConfig, init: Location | None) -> tuple[dict[str, Any], bytes | None, str | None]:
     """(model spec, warm-start weights or None, warm-start stage hash or None)."""
+    configured = None if config.model is None else model_spec(build_model(config.model.kind, config.model.config))
     if init is None:
-        if config.model is None:
+        if configured is None:
             raise StageInputError("the training config has no model and there is no stage to warm-start from")
-        return config.model.model_dump(), None, None
+        return configured, None, None
     model, manifest = load_stage_model(init)
     spec = model_spec(model)
-    if config.model is not None and config.model.model_dump() != spec:
-        raise StageInputError(
-            f"model {config.model.model_dump()} differs from the warm-start model {spec} of {init.uri}"
-        )
+    if configured is not None and configured != spec:
+        raise StageInputError(f"model {configured} differs from the warm-start model {spec} of {init.uri}")
     weights = init.join(manifest.get("model", "model"), "model.safetensors").read_bytes()
     return spec, weights, manifest.get("hash")
 
 
-def _source(data: IndependentSource | Location, config: TrainConfig) -> IndependentSource | CouplingSource:
+Data = IndependentSource | OnlineSource | Location
+"""Where a training stage's pairs come from: independent draws, an online teacher, or the
+location of a finished coupling stage."""
+
+
+def _source(data: Data, config: TrainConfig) -> IndependentSource | OnlineSource | CouplingSource:
+    if isinstance(data, OnlineSource):
+        load_stage_model(data.teacher)  # finished and loadable, before anything starts
+        return data
     if isinstance(data, IndependentSource):
         return data
     coupling = Coupling.open(data)
@@ -319,6 +329,17 @@ def independent_identity(source: IndependentSource) -> dict[str, Any]:
     }
 
 
+def online_identity(source: OnlineSource, teacher_hash: str) -> dict[str, Any]:
+    """What online reflow pairs are, for hashes and manifests."""
+    return {
+        "pi0": source.pi0.model_dump(mode="json"),
+        "seed": source.seed,
+        "solver": source.solver,
+        "forward_batch": source.forward_batch,
+        "teacher": teacher_hash,
+    }
+
+
 def train_stage_hash(config: TrainConfig, data_hash: str, init_hash: str | None) -> str:
     """The stage hash: config identity, the data's hash (a coupling stage's hash, or the hash
     of the independent pairs' identity) and the warm-start stage's hash."""
@@ -328,7 +349,7 @@ def train_stage_hash(config: TrainConfig, data_hash: str, init_hash: str | None)
 def run_train_stage(
     config: TrainConfig,
     output: Location,
-    data: IndependentSource | Location,
+    data: Data,
     init: Location | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or return the finished result of) one velocity field; returns the manifest."""
@@ -385,6 +406,10 @@ def run_train_stage(
     clock.add_worker(stage_state["cpu_seconds"], stage_state["gpu_seconds"])
     if isinstance(source, CouplingSource):
         data_inputs = {"coupling": source.coupling.location.uri, "hash": source.coupling.hash}
+    elif isinstance(source, OnlineSource):
+        teacher_hash = read_manifest(source.teacher)["hash"]
+        identity = online_identity(source, teacher_hash)
+        data_inputs = {"online": {**identity, "teacher_uri": source.teacher.uri}, "hash": content_hash(identity)}
     else:
         data_inputs = {"independent": independent_identity(source), "hash": content_hash(independent_identity(source))}
     manifest = {

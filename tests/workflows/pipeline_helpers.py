@@ -1,0 +1,31 @@
+"""Running the `rectiflow` command in a subprocess, and fingerprints of finished stages."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+from workflows.stage import SUCCESS_FILE
+
+TINY = os.path.join(os.path.dirname(__file__), "data", "tiny.yaml")
+RECTIFLOW = os.path.join(os.path.dirname(sys.executable), "rectiflow")
+
+
+def rectiflow(*args: str, background: bool = False, env: dict[str, str] | None = None, timeout: float = 900,
+              cwd: str | None = None):
+    """Run ``rectiflow ARGS``; in the background it gets its own process group (so that killing
+    the group takes the local Ray it starts with it)."""
+    environment = {**os.environ, **(env or {})}
+    command = [RECTIFLOW, *args]
+    if background:
+        return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, cwd=cwd)
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def stage_times(plan, names=None) -> dict[str, str]:
+    """A fingerprint of each finished stage's manifest (any re-run rewrites it with new times)."""
+    names = names or list(plan.stages)
+    return {name: hashlib.sha256(plan.stages[name].output.join(SUCCESS_FILE).read_bytes()).hexdigest() for name in names}

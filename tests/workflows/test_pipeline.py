@@ -1,0 +1,171 @@
+"""The pipeline on a real local Ray: end to end on S3, re-runs, config changes, a killed driver,
+leases, and the `rectiflow` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from tests.workflows.pipeline_helpers import TINY, rectiflow, stage_times
+from workflows.config import load_pipeline
+from workflows.lease import Lease
+from workflows.pipeline import CACHED, DONE, PipelineRun
+from workflows.plan import build_plan
+from workflows.stage import SUCCESS_FILE
+from workflows.storage import location
+
+TIMING = ("wall_seconds", "cpu_seconds", "gpu_seconds")
+
+
+def metrics_of(plan) -> pd.DataFrame:
+    """All evaluation rows of a run without the timing columns, in a fixed order."""
+    report = plan.stages["report"].output
+    frame = pd.read_parquet(report.join("metrics.parquet").uri, filesystem=report.fs if not report.is_local else None)
+    frame = frame.drop(columns=[c for c in frame.columns if c in TIMING])
+    return frame.sort_values(["model", "sampler"]).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_session, s3_endpoint):
+    """The tiny pipeline run once, uninterrupted, with storage on the moto S3 endpoint."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="pipeline-clean")
+    plan = build_plan(load_pipeline(TINY, storage="s3://pipeline-clean/runs"))
+    pipeline = PipelineRun(plan)
+    report = pipeline.run()
+    return plan, pipeline, report
+
+
+def test_the_toy_pipeline_runs_end_to_end_on_s3(clean_run):
+    plan, pipeline, report = clean_run
+    assert [status.state for status in pipeline.statuses.values()] == [DONE] * len(plan.stages)
+    assert list(plan.stages) == [
+        "train-1", "couple-1", "train-2", "couple-2", "distill-2",
+        "eval-train-1", "eval-train-2", "eval-distill-2", "report",
+    ]
+    for stage in plan.stages.values():
+        assert stage.output.join(SUCCESS_FILE).exists(), stage.name
+        assert stage.output.uri.startswith("s3://pipeline-clean/runs/tiny/")
+    html = location(report["files"]["html"])
+    assert html.exists() and b"<table" in html.read_bytes()
+    document = plan.run.join("pipeline.json").read_json()
+    assert [s["name"] for s in document["stages"]] == list(plan.stages)
+
+
+def test_a_rerun_skips_every_finished_stage(clean_run):
+    plan, _, _ = clean_run
+    before = stage_times(plan)
+    again = PipelineRun(build_plan(load_pipeline(TINY, storage="s3://pipeline-clean/runs")))
+    again.run()
+    assert {status.state for status in again.statuses.values()} == {CACHED}
+    assert stage_times(plan) == before
+
+
+def test_a_config_change_reruns_only_what_it_touches(clean_run):
+    plan, _, _ = clean_run
+    changed = build_plan(load_pipeline(TINY, ["distill.0.train.steps=30"], storage="s3://pipeline-clean/runs"))
+    pipeline = PipelineRun(changed)
+    pipeline.run()
+    ran = sorted(name for name, status in pipeline.statuses.items() if status.state == DONE)
+    assert ran == ["distill-2", "eval-distill-2", "report"]
+    for name in ("train-1", "couple-1", "train-2", "couple-2", "eval-train-1", "eval-train-2"):
+        assert changed.stages[name].output == plan.stages[name].output
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_killed_driver_resumes_without_redoing_finished_work(clean_run, tmp_path):
+    """SIGKILL `rectiflow run` while couple-2 writes shards, run it again: finished stages are
+    untouched (manifests, checkpoints), couple-2 keeps its shards, the results equal the clean run."""
+    clean_plan, _, _ = clean_run
+    storage = str(tmp_path / "runs")
+    plan = build_plan(load_pipeline(TINY, storage=storage))
+    couple2 = plan.stages["couple-2"].output
+    driver = rectiflow("run", TINY, "--storage", storage, background=True)
+    try:
+        _wait_for(lambda: any(n.startswith("shard-") for n in couple2.list_names()), 600, "couple-2 to write a shard")
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert not couple2.join(SUCCESS_FILE).exists()
+    finished = ["train-1", "couple-1", "train-2"]
+    before = stage_times(plan, finished)
+    checkpoints = {name: sorted(plan.stages[name].output.join("ray", "train").list_names()) for name in ("train-1", "train-2")}
+    shards_before = {n for n in couple2.list_names() if n.startswith("shard-")}
+
+    result = rectiflow("run", TINY, "--storage", storage)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stage_times(plan, finished) == before, "a finished stage ran again"
+    for name, names in checkpoints.items():
+        assert sorted(plan.stages[name].output.join("ray", "train").list_names()) == names, f"{name} trained again"
+    manifest = couple2.join(SUCCESS_FILE).read_json()
+    assert manifest["shards_reused"] == len(shards_before) > 0
+    assert manifest["shards_written"] == 8 - len(shards_before)
+    pd.testing.assert_frame_equal(metrics_of(plan).drop(columns=["uri"], errors="ignore"),
+                                  metrics_of(clean_plan).drop(columns=["uri"], errors="ignore"))
+    assert "report:" in result.stdout and "report.html" in result.stdout
+
+
+def test_a_held_lease_is_reported_and_a_dead_one_taken_over(ray_session, tmp_path):
+    plan = build_plan(load_pipeline(TINY, storage=str(tmp_path / "runs")))
+    holder = Lease(plan.stages["train-1"].output, "someone-else", ttl=600)
+    holder.acquire()
+    try:
+        result = rectiflow("run", TINY, "--storage", str(tmp_path / "runs"), "--no-wait")
+    finally:
+        holder.release()
+    assert result.returncode == 1
+    assert "is held by run someone-else" in result.stderr
+
+
+def test_status_reads_storage_alone(clean_run):
+    plan, _, _ = clean_run
+    result = rectiflow("status", plan.run.uri, "--json", env={"RAY_ADDRESS": "127.0.0.1:1"})
+    assert result.returncode == 0, result.stderr
+    stages = json.loads(result.stdout)["stages"]
+    assert [(s["name"], s["state"]) for s in stages] == [(name, "done") for name in plan.stages]
+    train = stages[0]["manifest"]
+    assert train["kind"] == "train" and train["steps"] == 60 and train["wall_seconds"] > 0
+    table = rectiflow("status", plan.run.uri)
+    assert "couple-2" in table.stdout and "done" in table.stdout
+
+
+def test_the_report_is_rebuilt_from_storage_with_the_same_numbers(clean_run):
+    plan, _, _ = clean_run
+    before = metrics_of(plan)
+    result = rectiflow("report", plan.run.uri)
+    assert result.returncode == 0, result.stderr
+    pd.testing.assert_frame_equal(metrics_of(plan), before)
+
+
+def test_validate_and_bad_files_on_the_command_line(tmp_path):
+    result = rectiflow("validate", TINY, "--storage", str(tmp_path))
+    assert result.returncode == 0 and "couple-2" in result.stdout
+    assert not os.listdir(tmp_path)
+    bad = rectiflow("validate", TINY, "--set", "rounds=0")
+    assert bad.returncode == 2 and "rounds: Input should be greater than or equal to 1" in bad.stderr
+    missing = rectiflow("status", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "has no pipeline.json" in missing.stderr
+
+
+def test_the_package_installs_the_command():
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "rectiflow"), "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "submit" in result.stdout

@@ -1,0 +1,177 @@
+"""Running a plan: stages in dependency order, independent ones at the same time, each under its
+lease, finished ones skipped without loading anything.
+
+Durability comes from storage, not from Ray: a stage is done when its ``_SUCCESS.json`` exists.
+A re-run after any failure skips what is done, resumes what is half done (missing shards only;
+training from its last checkpoint) and runs the rest. A failed stage blocks only the stages that
+need it; the others still run, and the run then fails naming every failed stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from workflows.lease import Lease
+from workflows.plan import Plan, StagePlan
+from workflows.report import write_report
+from workflows.stage import PLAN_FILE, is_done, read_manifest, read_progress, utc_now, write_manifest
+from workflows.stages.couple import run_coupling_stage
+from workflows.stages.evaluate import run_eval_stage
+from workflows.stages.train import run_train_stage
+
+logger = logging.getLogger("rectiflow.pipeline")
+
+PENDING, WAITING, RUNNING, DONE, CACHED, FAILED, BLOCKED = (
+    "pending", "waiting", "running", "done", "cached", "failed", "blocked",
+)
+FINISHED = {DONE, CACHED}
+
+
+class PipelineFailed(RuntimeError):
+    """Some stages failed; ``failures`` maps their names to the error."""
+
+    def __init__(self, failures: dict[str, BaseException], blocked: list[str]):
+        self.failures = failures
+        lines = [f"  {name}: {type(error).__name__}: {error}" for name, error in failures.items()]
+        if blocked:
+            lines.append(f"  not run because of them: {', '.join(blocked)}")
+        super().__init__("the pipeline failed:\n" + "\n".join(lines))
+
+
+@dataclass
+class StageStatus:
+    """What the live table shows about a stage."""
+
+    stage: StagePlan
+    state: str = PENDING
+    started: float | None = None
+    finished: float | None = None
+    error: BaseException | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def elapsed(self, now: float) -> float | None:
+        if self.started is None:
+            return None
+        return (self.finished or now) - self.started
+
+
+def _run_train(plan: Plan, stage: StagePlan) -> dict[str, Any]:
+    args = stage.arguments
+    data = args["data"]
+    if isinstance(data, str):
+        data = plan.stages[data].output
+    init = plan.stages[args["init"]].output if args["init"] else None
+    return run_train_stage(args["config"], stage.output, data, init)
+
+
+def _run_couple(plan: Plan, stage: StagePlan) -> dict[str, Any]:
+    args = stage.arguments
+    return run_coupling_stage(args["config"], plan.stages[args["teacher"]].output, stage.output)
+
+
+def _run_eval(plan: Plan, stage: StagePlan) -> dict[str, Any]:
+    args = stage.arguments
+    return run_eval_stage(args["config"], args["subject"], plan.stages[args["model"]].output, stage.output)
+
+
+def _run_report(plan: Plan, stage: StagePlan) -> dict[str, Any]:
+    files = write_report(plan.run, stage.output)
+    manifest = {"kind": "report", "hash": stage.hash, "files": files, "inputs": list(stage.needs), "finished_at": utc_now()}
+    write_manifest(stage.output, manifest)
+    return manifest
+
+
+RUNNERS: dict[str, Callable[[Plan, StagePlan], dict[str, Any]]] = {
+    "train": _run_train,
+    "couple": _run_couple,
+    "eval": _run_eval,
+    "report": _run_report,
+}
+
+
+class PipelineRun:
+    """Executes a :class:`Plan`; ``statuses`` is what a live table reads."""
+
+    def __init__(self, plan: Plan, wait_for_leases: bool = True, lease_ttl: float = 60.0):
+        self.plan = plan
+        self.wait_for_leases = wait_for_leases
+        self.lease_ttl = lease_ttl
+        self.run_id = uuid.uuid4().hex[:12]
+        self.statuses = {name: StageStatus(stage) for name, stage in plan.stages.items()}
+        self._lock = threading.Lock()
+
+    def _set(self, name: str, state: str, error: BaseException | None = None) -> None:
+        with self._lock:
+            status = self.statuses[name]
+            status.state = state
+            now = time.time()
+            if state == RUNNING:
+                status.started = now
+            if state in (DONE, FAILED):
+                status.finished = now
+            status.error = error
+        logger.debug("stage %s: %s", name, state)
+
+    def _execute(self, stage: StagePlan) -> None:
+        """Run one stage under its lease (skipped if another run finished it meanwhile)."""
+        lease = Lease(stage.output, self.run_id, ttl=self.lease_ttl)
+        self._set(stage.name, WAITING)
+        lease.acquire(wait=self.wait_for_leases)
+        try:
+            if is_done(stage.output):
+                self._set(stage.name, CACHED)
+                return
+            self._set(stage.name, RUNNING)
+            RUNNERS[stage.kind](self.plan, stage)
+            self._set(stage.name, DONE)
+        finally:
+            lease.release()
+
+    def _ready(self, name: str) -> bool:
+        return all(self.statuses[need].state in FINISHED for need in self.plan.stages[name].needs)
+
+    def _block_dependents(self, failed: str) -> None:
+        for name, stage in self.plan.stages.items():
+            if failed in stage.needs and self.statuses[name].state == PENDING:
+                self._set(name, BLOCKED)
+                self._block_dependents(name)
+
+    def run(self) -> dict[str, Any]:
+        """Run every stage that is not finished; returns the report stage's manifest."""
+        self.plan.run.join(PLAN_FILE).write_json(self.plan.document())
+        for name, stage in self.plan.stages.items():
+            if is_done(stage.output):
+                self._set(name, CACHED)
+        failures: dict[str, BaseException] = {}
+        with ThreadPoolExecutor(max_workers=max(1, len(self.plan.stages))) as pool:
+            running: dict[Future, str] = {}
+            while True:
+                for name, status in self.statuses.items():
+                    if status.state == PENDING and self._ready(name):
+                        self._set(name, WAITING)
+                        running[pool.submit(self._execute, self.plan.stages[name])] = name
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name = running.pop(future)
+                    error = future.exception()
+                    if error is not None:
+                        failures[name] = error
+                        self._set(name, FAILED, error)
+                        self._block_dependents(name)
+        if failures:
+            blocked = [name for name, status in self.statuses.items() if status.state == BLOCKED]
+            raise PipelineFailed(failures, blocked)
+        return read_manifest(self.plan.stages["report"].output)
+
+    def progress(self, name: str) -> dict[str, Any] | None:
+        """The stage's last recorded progress (only while it runs)."""
+        status = self.statuses[name]
+        return read_progress(status.stage.output) if status.state == RUNNING else None
