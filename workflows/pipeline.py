@@ -77,7 +77,8 @@ def _run_couple(plan: Plan, stage: StagePlan) -> dict[str, Any]:
 
 def _run_eval(plan: Plan, stage: StagePlan) -> dict[str, Any]:
     args = stage.arguments
-    return run_eval_stage(args["config"], args["subject"], plan.stages[args["model"]].output, stage.output)
+    teacher = plan.stages[args["subject"].teacher].output if args["subject"].teacher else None
+    return run_eval_stage(args["config"], args["subject"], plan.stages[args["model"]].output, stage.output, teacher)
 
 
 def _run_report(plan: Plan, stage: StagePlan) -> dict[str, Any]:

@@ -149,14 +149,18 @@ def build_plan(config: PipelineConfig) -> Plan:
         flows.append(_add_distillation(plan, config, distill))
         source = "random pairs" if distill.pairs == "independent" else f"{distill.from_round}-RF pairs"
         subjects.append(EvalSubject(name=distill.stage_name, label=f"{distill.k}-step distilled from {source}",
-                                    family="distilled", round=distill.from_round, k=distill.k))
+                                    family="distilled", round=distill.from_round, k=distill.k,
+                                    teacher=f"train-{distill.from_round}"))
     models = flows
 
     evaluation = EvalConfig(pi0=config.pi0, pi1=config.pi1, **config.evaluate.model_dump())
     evals = []
     for model, subject in zip(models, subjects):
-        evals.append(plan.add(f"eval-{model.name}", "eval", eval_stage_hash(evaluation, subject, model.hash),
-                              (model.name,), config=evaluation, subject=subject, model=model.name))
+        teacher = plan.stages[subject.teacher] if subject.teacher else None
+        evals.append(plan.add(
+            f"eval-{model.name}", "eval", eval_stage_hash(evaluation, subject, model.hash, teacher.hash if teacher else None),
+            (model.name, *((teacher.name,) if teacher else ())), config=evaluation, subject=subject, model=model.name,
+        ))
     plan.add("report", "report", stage_hash("report", {}, {stage.name: stage.hash for stage in evals}),
              tuple(stage.name for stage in evals))
     return plan

@@ -98,8 +98,12 @@ class Evaluation:
         return self.metrics.to_pylist()
 
     def coupling_row(self) -> dict[str, Any]:
-        """The row of the model's own coupling: the reference solver's, else the finest sampler's."""
+        """The row of the model's own coupling: for a k-step distilled model its euler@k sampler
+        (the only one it was trained for), else the reference solver's, else the finest sampler's."""
         rows = self.rows()
+        subject = self.manifest.get("subject", {})
+        if subject.get("family") == "distilled" and self.row_of(f"euler@{subject.get('k')}"):
+            return self.row_of(f"euler@{subject.get('k')}")
         reference = [row for row in rows if row["sampler"] == self.config.get("reference_solver")]
         return reference[0] if reference else max(rows, key=lambda row: row["nfe_mean"])
 

@@ -11,7 +11,8 @@ For one model (a k-RF, a distilled model or a VP / sub-VP baseline) and every co
   for 2D data, the crossing rate of the segments [Z0_i, Z1_i];
 - **quality** against π1 with the function of the data kind (:data:`QUALITY_METRICS`; vectors:
   exact W2 and MMD²), and the distance to a fine solve, E‖Z1 − Z1_ref‖ with Z1_ref from
-  ``reference_solver`` (for ``euler@1`` this is the paper's one-step distance).
+  ``reference_solver`` (for ``euler@1`` this is the paper's one-step distance). For a distilled
+  model Z1_ref is its teacher's fine solve: the coupling the distillation was meant to learn.
 
 Exact OT, W2, MMD² and crossings use the first ``ot_samples`` ids (ids are i.i.d. draws, so that
 is a uniform subsample); everything else uses all M.
@@ -163,12 +164,18 @@ class EvalSubject(_Strict):
     round: int | None = Field(None, ge=1)
     k: int | None = Field(None, ge=1)
     path: Literal["straight", "vp", "subvp"] = "straight"
+    teacher: str | None = None
+    """For a distilled model, the stage name of the flow it imitates: its reference solve then
+    comes from that teacher, so the distance column measures how well the coupling was learnt."""
 
 
-def eval_stage_hash(config: EvalConfig, subject: EvalSubject, model_hash: str) -> str:
-    """The stage hash: the config's identity, the subject and the model's hash."""
+def eval_stage_hash(config: EvalConfig, subject: EvalSubject, model_hash: str, teacher_hash: str | None = None) -> str:
+    """The stage hash: the config's identity, the subject, the model's hash and, for a distilled
+    model, its teacher's hash."""
     return stage_hash(
-        KIND, {"config": config.identity(), "subject": subject.model_dump(mode="json")}, {"model": model_hash}
+        KIND,
+        {"config": config.identity(), "subject": subject.model_dump(mode="json")},
+        {"model": model_hash, "teacher": teacher_hash or ""},
     )
 
 
@@ -383,12 +390,13 @@ def _metric_row(
     sampler: str,
     x0: torch.Tensor,
     reference: torch.Tensor,
+    fine: torch.Tensor,
     results: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The ``metrics.parquet`` row of one sampler."""
+    """The ``metrics.parquet`` row of one sampler; ``fine`` is the reference solve of the same Z0
+    (the model's own, or its teacher's for a distilled model)."""
     result = results[sampler]
     x1 = result["x1"].reshape(x0.shape)
-    fine = results[config.reference_solver]["x1"].reshape(x0.shape)
     sub = config.ot_samples
     quality = QUALITY_METRICS[data_kind(list(x0.shape[1:]))](x1[:sub], reference[:sub])
     distance = torch.linalg.vector_norm((x1.double() - fine.double()).flatten(1), dim=1).mean()
@@ -499,9 +507,12 @@ def _trajectory_states(config: EvalConfig) -> int:
     return max(2, min(MAX_TRAJECTORY_STATES, TRAJECTORY_VALUES // values))
 
 
-def run_eval_stage(config: EvalConfig, subject: EvalSubject, model: Location, output: Location) -> dict[str, Any]:
+def run_eval_stage(
+    config: EvalConfig, subject: EvalSubject, model: Location, output: Location, teacher: Location | None = None
+) -> dict[str, Any]:
     """Evaluate the finished training stage ``model`` with every sampler of ``config`` into
-    ``output`` (see the module docstring); returns the manifest.
+    ``output`` (see the module docstring); returns the manifest. For a distilled model,
+    ``teacher`` is the flow it imitates: the reference solve is the teacher's.
 
     Returns a finished output's manifest without loading the model; otherwise validates
     everything before writing anything."""
@@ -513,6 +524,7 @@ def run_eval_stage(config: EvalConfig, subject: EvalSubject, model: Location, ou
         return finished
     clock, driver_cpu = StageClock(), process_cpu_seconds()
     _, model_hash = load_input_model(model, "model", config.pi0.shape, EvalError)
+    teacher_hash = load_input_model(teacher, "teacher", config.pi0.shape, EvalError)[1] if teacher else None
     job = EvalJob(
         model,
         model_hash,
@@ -533,10 +545,17 @@ def run_eval_stage(config: EvalConfig, subject: EvalSubject, model: Location, ou
         config.workers,
     )
     results = _sample(job, config.samples, config.workers, output)
+    references = results
+    if teacher is not None:
+        teacher_job = dataclasses.replace(
+            job, model=teacher, model_hash=teacher_hash, solvers=(config.reference_solver,), trajectories=0
+        )
+        references = _sample(teacher_job, config.samples, config.workers, output)
     ids = np.arange(config.samples)
     x0 = sample_by_id(config.pi0, config.seed, ids)
     reference = sample_by_id(config.pi1, config.seed + 1, ids)
-    rows = [_metric_row(config, subject, model_hash, name, x0, reference, results) for name in config.samplers]
+    fine = references[config.reference_solver]["x1"].reshape(x0.shape)
+    rows = [_metric_row(config, subject, model_hash, name, x0, reference, fine, results) for name in config.samplers]
     files = {
         METRICS_FILE: table_bytes(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)),
         SAMPLES_FILE: table_bytes(_samples_table(x0, reference, results)),
@@ -550,11 +569,14 @@ def run_eval_stage(config: EvalConfig, subject: EvalSubject, model: Location, ou
     manifest = {
         "kind": KIND,
         "stage": output.name,
-        "hash": eval_stage_hash(config, subject, model_hash),
+        "hash": eval_stage_hash(config, subject, model_hash, teacher_hash),
         "config": config.model_dump(mode="json"),
         "identity": config.identity(),
         "subject": subject.model_dump(mode="json"),
-        "inputs": {"model": {"uri": model.uri, "hash": model_hash}},
+        "inputs": {
+            "model": {"uri": model.uri, "hash": model_hash},
+            **({"teacher": {"uri": teacher.uri, "hash": teacher_hash}} if teacher else {}),
+        },
         "data_kind": data_kind(list(config.pi0.shape)),
         "solvers": config.solvers,
         "rows": json_safe(rows),
