@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rectiflow-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo toy-table clean
+.PHONY: venv test demo toy-table soak clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: $(STAMP)
 
 toy-table: $(STAMP)
 	$(PY) benchmarks/toy_table.py
+
+# Chaos soak: the toy pipeline SIGKILLed at random times until it finishes, then compared with a
+# clean run (bounded: 5 kills, 15 minutes; e.g. make soak SOAK_ARGS="--kills 20 --max-minutes 60").
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(PY) tests/faults/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

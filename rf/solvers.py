@@ -20,11 +20,15 @@ bits whatever the batch size or thread count.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from rf.paths import ProbabilityPath
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """v(x, t): x of shape (B, ...), t of shape (B,) → velocity of shape (B, ...)."""
@@ -244,29 +248,39 @@ def rk45(
     return Solution(x, nfe, trajectory)
 
 
-SolverKind = Literal["euler", "heun", "rk45"]
-_SPEC = re.compile(r"^(euler|heun|rk45)@([0-9.eE+-]+)$")
+SolverKind = Literal["euler", "heun", "rk45", "sde"]
+_SPEC = re.compile(r"^(euler|heun|rk45|sde)@([0-9.eE+-]+)(?::([0-9.eE+-]+))?$")
 
 
 @dataclass(frozen=True)
 class Solver:
-    """A solver and its settings, named ``euler@N``, ``heun@N`` or ``rk45@TOL``.
+    """A solver and its settings, named ``euler@N``, ``heun@N``, ``rk45@TOL`` or ``sde@N[:SCALE]``.
 
-    For RK45, ``TOL`` sets both rtol and atol (the paper uses 1e-5)."""
+    For RK45, ``TOL`` sets both rtol and atol (the paper uses 1e-5). ``sde@N:SCALE`` is N
+    Euler–Maruyama steps of the marginal-preserving SDE of :mod:`rf.sde` with noise factor
+    σ = SCALE (default 1; ``sde@N`` on the VP path is the VP SDE sampler)."""
 
     kind: SolverKind
     steps: int = 0
     tolerance: float = 1e-5
+    scale: float = 1.0
     _name: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("euler", "heun", "rk45"):
-            raise ValueError(f"unknown solver {self.kind!r}; choose euler, heun or rk45")
+        if self.kind not in ("euler", "heun", "rk45", "sde"):
+            raise ValueError(f"unknown solver {self.kind!r}; choose euler, heun, rk45 or sde")
         if self.kind != "rk45" and self.steps < 1:
             raise ValueError(f"{self.kind} needs steps >= 1, got {self.steps}")
         if self.kind == "rk45" and self.tolerance <= 0:
             raise ValueError(f"rk45 needs a positive tolerance, got {self.tolerance}")
+        if self.kind == "sde" and not (math.isfinite(self.scale) and self.scale >= 0):
+            raise ValueError(f"sde needs a finite scale >= 0, got {self.scale}")
+        if self.kind != "sde" and self.scale != 1.0:
+            raise ValueError(f"a noise scale only applies to sde, not {self.kind}")
         detail = f"{self.tolerance:g}" if self.kind == "rk45" else str(self.steps)
+        if self.kind == "sde" and self.scale != 1.0:
+            short = f"{self.scale:g}"
+            detail += ":" + (short if float(short) == self.scale else repr(float(self.scale)))
         object.__setattr__(self, "_name", f"{self.kind}@{detail}")
 
     @property
@@ -275,28 +289,58 @@ class Solver:
 
     @classmethod
     def parse(cls, text: str) -> "Solver":
-        """``euler@100`` → Solver("euler", steps=100); ``rk45@1e-5`` → Solver("rk45", tolerance=1e-5)."""
+        """``euler@100`` → Solver("euler", steps=100); ``rk45@1e-5`` → Solver("rk45", tolerance=1e-5);
+        ``sde@2000:0.5`` → Solver("sde", steps=2000, scale=0.5)."""
         match = _SPEC.match(text.strip())
         if not match:
             raise ValueError(
-                f"solver {text!r} is not of the form euler@N, heun@N or rk45@TOL (e.g. rk45@1e-5)"
+                f"solver {text!r} is not of the form euler@N, heun@N, rk45@TOL or sde@N[:SCALE] "
+                "(e.g. rk45@1e-5, sde@2000:0.5)"
             )
-        kind, value = match.groups()
+        kind, value, scale = match.groups()
         try:
+            if scale is not None and kind != "sde":
+                raise ValueError(f"only sde takes a :SCALE, not {kind}")
             if kind == "rk45":
                 return cls("rk45", tolerance=float(value))
+            if kind == "sde":
+                return cls("sde", steps=int(value), scale=1.0 if scale is None else float(scale))
             return cls(kind, steps=int(value))  # type: ignore[arg-type]
         except ValueError as error:
             raise ValueError(f"solver {text!r}: {error}") from None
 
     def solve(
-        self, velocity: Velocity, x0: torch.Tensor, return_trajectory: bool = False
+        self,
+        velocity: Velocity,
+        x0: torch.Tensor,
+        return_trajectory: bool = False,
+        *,
+        path: ProbabilityPath | None = None,
+        seed: int = 0,
+        ids: torch.Tensor | Sequence[int] | None = None,
     ) -> Solution:
-        """Integrate from t = 0 to t = 1."""
+        """Integrate from t = 0 to t = 1.
+
+        ``path`` (default straight), ``seed`` and ``ids`` (the samples' ids, default ``arange(B)``)
+        are used by ``sde`` only (see :func:`rf.sde.euler_maruyama`); the ODE solvers ignore them.
+        """
         if self.kind == "euler":
             return euler(velocity, x0, self.steps, return_trajectory=return_trajectory)
         if self.kind == "heun":
             return heun(velocity, x0, self.steps, return_trajectory=return_trajectory)
+        if self.kind == "sde":
+            from rf.sde import euler_maruyama  # rf.sde imports this module
+
+            return euler_maruyama(
+                velocity,
+                x0,
+                self.steps,
+                path=path,
+                scale=self.scale,
+                seed=seed,
+                ids=ids,
+                return_trajectory=return_trajectory,
+            )
         return rk45(
             velocity, x0, rtol=self.tolerance, atol=self.tolerance, return_trajectory=return_trajectory
         )

@@ -6,6 +6,18 @@ They differ only in where (X0, X1) come from and how t is drawn; the step is alw
     L = E_i loss(v(X_t, t), dX_t/dt)                  (see :func:`rf.losses.velocity_loss`)
     θ ← Adam(θ, clip(∇L, grad_clip));  θ_ema ← d·θ_ema + (1 − d)·θ
 
+**Gradient accumulation** (``grad_accumulation = A``): the batch of B examples is cut into A
+micro-batches of B/A, each one's mean loss is scaled by 1/A and back-propagated, so the summed
+gradient is ∇ of the mean over all B examples — the same step as one pass over the whole batch,
+with 1/A of the activation memory. Under DistributedDataParallel the gradient all-reduce runs
+only on the last micro-batch (``no_sync()`` on the others). One call of :meth:`step` is one
+optimizer step whatever A is.
+
+**channels_last**: the model's 4-D weights and the 4-D inputs use ``torch.channels_last``
+(NHWC) memory, which tensor-core convolutions prefer; the numbers are those of the default
+layout up to float rounding. Convert the model before wrapping it in DDP (or let this class do
+it when there is no wrapper).
+
 A non-finite loss raises :class:`NonFiniteLossError` before any weight changes, so the last
 good state stays intact.
 """
@@ -62,6 +74,8 @@ class VelocityTrainer:
         weight_decay: float = 0.0,
         forward_model: nn.Module | None = None,
         autocast_dtype: torch.dtype | None = None,
+        grad_accumulation: int = 1,
+        channels_last: bool = False,
     ):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
@@ -69,6 +83,10 @@ class VelocityTrainer:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
+        if isinstance(grad_accumulation, bool) or not isinstance(grad_accumulation, int) or grad_accumulation < 1:
+            raise ValueError(f"grad_accumulation must be an integer >= 1, got {grad_accumulation!r}")
+        if channels_last:
+            model.to(memory_format=torch.channels_last)  # in place; a no-op when already converted
         self.model = model
         self.forward_model = forward_model or model
         self.path = path
@@ -77,6 +95,8 @@ class VelocityTrainer:
         self.warmup_steps = warmup_steps
         self.grad_clip = grad_clip
         self.autocast_dtype = autocast_dtype
+        self.grad_accumulation = grad_accumulation
+        self.channels_last = channels_last
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
         self.ema = EMA(model, ema_decay)
         self.step_count = 0
@@ -92,21 +112,44 @@ class VelocityTrainer:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce on every micro-batch but the last."""
+        no_sync = getattr(self.forward_model, "no_sync", None)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
+
     def step(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> float:
-        """One optimisation step on a batch; returns the loss."""
+        """One optimisation step on a batch (in ``grad_accumulation`` micro-batches); returns the
+        mean loss over the batch."""
+        parts = self.grad_accumulation
+        if x0.shape[0] % parts:
+            raise ValueError(
+                f"a batch of {x0.shape[0]} examples does not split into grad_accumulation={parts} equal micro-batches"
+            )
         if not _all_ranks_finite(x0, x1):
             raise NonFiniteLossError(self.step_count, "the batch contains NaN or inf values")
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step_count)
-        with self._autocast(x0.device):
-            loss = velocity_loss(self.forward_model, self.path, x0, x1, t, self.loss)
-        if not _all_ranks_finite(loss.detach()):
-            raise NonFiniteLossError(self.step_count, f"loss = {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        x0, x1 = self._layout(x0), self._layout(x1)
+        total = torch.zeros((), device=x0.device)
+        for index, (x0_part, x1_part, t_part) in enumerate(zip(x0.chunk(parts), x1.chunk(parts), t.chunk(parts))):
+            with self._no_sync(index == parts - 1):
+                with self._autocast(x0.device):
+                    loss = velocity_loss(self.forward_model, self.path, x0_part, x1_part, t_part, self.loss) / parts
+                loss.backward()
+            total += loss.detach().float()
+        # Checked on every rank after the backward passes (whose all-reduce every rank joins)
+        # and before the optimizer: a non-finite loss leaves the weights untouched.
+        if not _all_ranks_finite(total):
+            raise NonFiniteLossError(self.step_count, f"loss = {total.item()}")
         if self.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model)
         self.step_count += 1
-        return float(loss.detach())
+        return float(total)

@@ -6,6 +6,7 @@
     rectiflow status RUN_URI [--json]
     rectiflow report RUN_URI
     rectiflow validate PIPELINE.yaml [--storage URI] [--set …]
+    rectiflow data import SRC DST_URI --resolution R [--channels 1|3] [--shard-size S] [--skip-corrupt] [--ray]
 """
 
 from __future__ import annotations
@@ -62,10 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="validate a pipeline file and print its stages; runs nothing")
     _pipeline_arguments(validate)
+
+    from workflows.images.command import add_arguments as image_import_arguments
+
+    data = commands.add_parser("data", help="image datasets as Parquet shards")
+    data_actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    image_import_arguments(data_actions.add_parser(
+        "import", help="import a folder, zip or uint8 array of images as Parquet shards of R×R PNGs"))
     return parser
 
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    if name == "data":
+        from workflows.images.command import data_command
+
+        return data_command
     from workflows import commands
 
     return getattr(commands, name)

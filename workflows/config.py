@@ -119,6 +119,11 @@ class PipelineConfig(_Strict):
                 problems.append(f"distill {distill.stage_name}: from_round {distill.from_round} > rounds {self.rounds}")
             if distill.pairs == "coupling" and self.reflow == "online":
                 problems.append(f"distill {distill.stage_name} needs stored pairs, but reflow is online")
+        stochastic = [name for name in self.evaluate.samplers if name.startswith("sde@")]
+        if stochastic and self.pi0.kind != "noise":
+            problems.append(f"evaluate.samplers: {stochastic} need pi0 to be Gaussian noise (kind noise)")
+        if self.evaluate.classifier is not None and self.pi1.kind != "images":
+            problems.append("evaluate.classifier: measures images, but pi1 is not of kind images")
         names = [d.stage_name for d in self.distill]
         if len(set(names)) != len(names):
             problems.append(f"distill stage names repeat: {names}; give them distinct names")

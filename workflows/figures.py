@@ -121,3 +121,28 @@ def panels(items: list[Panel], settings: str, columns: int = 4) -> bytes:
         axes.set_aspect("equal", adjustable="datalim")
         axes.tick_params(labelsize=7)
     return _png(figure)
+
+
+def tile(images: np.ndarray, columns: int) -> np.ndarray:
+    """(n, C, H, W) images in [−1, 1] as one (rows·H, columns·W, C) array in [0, 1], one pixel
+    of white between images."""
+    n, channels, height, width = images.shape
+    rows = max(1, math.ceil(n / columns))
+    canvas = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1, channels))
+    for index, image in enumerate(np.clip((images + 1.0) / 2.0, 0.0, 1.0)):
+        top, left = (index // columns) * (height + 1), (index % columns) * (width + 1)
+        canvas[top:top + height, left:left + width] = image.transpose(1, 2, 0)
+    return canvas
+
+
+def image_grids(items: list[tuple[str, np.ndarray]], settings: str, columns: int) -> bytes:
+    """A grid of panels, each a titled tile of images (n, C, H, W) in [−1, 1]."""
+    figure, axes_list = _grid(len(items), columns, settings)
+    for axes, (title, images) in zip(axes_list, items):
+        side = max(1, math.ceil(math.sqrt(len(images))))
+        canvas = tile(images, side)
+        axes.imshow(canvas[..., 0] if canvas.shape[-1] == 1 else canvas, cmap="gray", vmin=0.0, vmax=1.0,
+                    interpolation="nearest")
+        axes.set_title(title, fontsize=8)
+        axes.set_axis_off()
+    return _png(figure)

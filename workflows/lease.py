@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -28,6 +29,24 @@ from workflows.storage import Location
 
 LEASE_FILE = "_LEASE.json"
 logger = logging.getLogger("rectiflow.lease")
+_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+"""What :meth:`workflows.storage.Location.write_bytes` names its temporary files on a local disk."""
+
+
+def remove_temporaries(folder: str) -> list[str]:
+    """Remove the temporary files a killed writer left under the local ``folder`` (they are never
+    read: a write becomes visible only by its rename). Returns their paths."""
+    removed = []
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            if _TEMPORARY.match(name):
+                path = os.path.join(directory, name)
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except OSError:
+                    pass
+    return removed
 
 
 class LeaseHeld(RuntimeError):
@@ -106,6 +125,11 @@ class Lease:
             return None
         holder = self.current()
         now = time.time()
+        if holder is not None and holder.run_id == self.run_id and holder.pid == os.getpid():
+            # our own create reached storage but its answer was lost (a dropped connection,
+            # retried by the client, finds the object it made)
+            self._start_heartbeat()
+            return None
         if holder is not None and not is_stale(holder, self.ttl, now):
             return holder
         logger.warning("taking over the stale lease of %s: %s", self.file.uri, holder.describe(now) if holder else "gone")
@@ -113,6 +137,10 @@ class Lease:
         time.sleep(self.grace)
         if not self._mine():
             return self.current()
+        if self.file.is_local:  # the previous holder is gone: sweep what its killed writes left
+            removed = remove_temporaries(os.path.dirname(self.file.path))
+            if removed:
+                logger.warning("removed %d temporary files left by %s", len(removed), holder.run_id if holder else "?")
         self._start_heartbeat()
         return None
 
@@ -158,6 +186,16 @@ class Lease:
                     os.rmdir(os.path.dirname(self.file.path))
                 except OSError:
                     pass
+
+    def clear_stale(self) -> bool:
+        """Remove a stale lease (a holder killed between its stage's manifest and its release);
+        True when one was removed. A live holder's lease is left alone."""
+        holder = self.current()
+        if holder is None or not is_stale(holder, self.ttl, time.time()):
+            return False
+        logger.info("removing the stale lease of finished stage %s: %s", self.file.uri, holder.describe(time.time()))
+        self.file.delete()
+        return True
 
     def __enter__(self) -> "Lease":
         self.acquire()

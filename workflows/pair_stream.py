@@ -38,7 +38,7 @@ import torch
 from rf.coupling import generate_pairs
 from rf.noise import uniform
 from rf.solvers import Solver
-from workflows.distributions import NoiseSpec, ToySpec, sample_by_id
+from workflows.distributions import DistributionSpec, sample_by_id
 from workflows.shards import Coupling
 from workflows.storage import Location
 from workflows.weights import load_stage_model
@@ -55,8 +55,8 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 class IndependentSource:
     """X0 ~ π0 and X1 ~ π1 drawn independently by example id."""
 
-    pi0: NoiseSpec | ToySpec
-    pi1: NoiseSpec | ToySpec
+    pi0: DistributionSpec
+    pi1: DistributionSpec
     seed0: int
     seed1: int
 
@@ -70,7 +70,7 @@ class OnlineSource:
     """X0 ~ π0 by example id and X1 = teacher flow of X0, solved when the row is read."""
 
     teacher: Location
-    pi0: NoiseSpec | ToySpec
+    pi0: DistributionSpec
     seed: int
     solver: str
     forward_batch: int = 256

@@ -23,6 +23,7 @@ from workflows.report import write_report
 from workflows.stage import PLAN_FILE, is_done, read_manifest, read_progress, utc_now, write_manifest
 from workflows.stages.couple import run_coupling_stage
 from workflows.stages.evaluate import run_eval_stage
+from workflows.stages.images import run_classifier_stage, run_import_stage
 from workflows.stages.train import run_train_stage
 
 logger = logging.getLogger("rectiflow.pipeline")
@@ -78,7 +79,17 @@ def _run_couple(plan: Plan, stage: StagePlan) -> dict[str, Any]:
 def _run_eval(plan: Plan, stage: StagePlan) -> dict[str, Any]:
     args = stage.arguments
     teacher = plan.stages[args["subject"].teacher].output if args["subject"].teacher else None
-    return run_eval_stage(args["config"], args["subject"], plan.stages[args["model"]].output, stage.output, teacher)
+    classifier = plan.stages[args["classifier"]].output if args["classifier"] else None
+    return run_eval_stage(args["config"], args["subject"], plan.stages[args["model"]].output, stage.output, teacher,
+                          classifier)
+
+
+def _run_import(plan: Plan, stage: StagePlan) -> dict[str, Any]:
+    return run_import_stage(stage.arguments["spec"], stage.output)
+
+
+def _run_classifier(plan: Plan, stage: StagePlan) -> dict[str, Any]:
+    return run_classifier_stage(stage.arguments["settings"], stage.arguments["data"], stage.output)
 
 
 def _run_report(plan: Plan, stage: StagePlan) -> dict[str, Any]:
@@ -92,6 +103,8 @@ RUNNERS: dict[str, Callable[[Plan, StagePlan], dict[str, Any]]] = {
     "train": _run_train,
     "couple": _run_couple,
     "eval": _run_eval,
+    "import": _run_import,
+    "classifier": _run_classifier,
     "report": _run_report,
 }
 
@@ -148,6 +161,7 @@ class PipelineRun:
         self.plan.run.join(PLAN_FILE).write_json(self.plan.document())
         for name, stage in self.plan.stages.items():
             if is_done(stage.output):
+                Lease(stage.output, self.run_id, ttl=self.lease_ttl).clear_stale()
                 self._set(name, CACHED)
         failures: dict[str, BaseException] = {}
         with ThreadPoolExecutor(max_workers=max(1, len(self.plan.stages))) as pool:

@@ -6,6 +6,7 @@ Stages of a pipeline with R rounds::
     train-1 ─ train-2 ─ … ─ train-R                                  (reflow, online pairs)
     couple-k ─ distill-k   (and train-k as its warm start)           (one- or k-step distillation)
     train-vp, train-subvp                                            (baselines: 1-RF on VP / sub-VP paths)
+    import-pi0, import-pi1 (images from a source), classifier (image features for evaluation)
     eval-<model> for every model, then report
 
 A stage's hash covers its kind, its result-deciding settings and its inputs' hashes, so the plan
@@ -20,10 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workflows.config import DistillSettings, PipelineConfig
+from workflows.distributions import ImagesSpec
 from workflows.pair_stream import IndependentSource, OnlineSource
 from workflows.stage import content_hash, stage_hash
 from workflows.stages.couple import CouplingConfig, coupling_hash
 from workflows.stages.evaluate import EvalConfig, EvalSubject, eval_stage_hash
+from workflows.stages.images import classifier_stage_hash, import_stage_hash
 from workflows.stages.train import Choice, TrainConfig, independent_identity, online_identity, train_stage_hash
 from workflows.storage import Location, location
 
@@ -113,9 +116,22 @@ def _add_distillation(plan: Plan, config: PipelineConfig, distill: DistillSettin
     return _add_training(plan, distill.stage_name, train, couple.name, couple.hash, teacher, (teacher.name, couple.name))
 
 
+def _imported(plan: Plan, name: str, spec: Any) -> tuple[Any, tuple[str, ...]]:
+    """``spec`` reading its data: an :class:`ImagesSpec` with a ``source`` gets an ``import-…``
+    stage and reads its output; the stage names the data's readers must wait for."""
+    if not isinstance(spec, ImagesSpec) or spec.source is None:
+        return spec, ()
+    stage = plan.add(f"import-{name}", "import", import_stage_hash(spec), (), spec=spec)
+    return spec.at(stage.output.uri, stage.hash), (stage.name,)
+
+
 def build_plan(config: PipelineConfig) -> Plan:
     """The stages of ``config``'s run, under ``{storage}/{name}``."""
     plan = Plan(config, location(config.storage).join(config.name))
+    pi0, imports0 = _imported(plan, "pi0", config.pi0)
+    pi1, imports1 = _imported(plan, "pi1", config.pi1)
+    config = config.model_copy(update={"pi0": pi0, "pi1": pi1})
+    imports = imports0 + imports1
     independent = IndependentSource(config.pi0, config.pi1, _seed(config, "pi0"), _seed(config, "pi1"))
     independent_hash = content_hash(independent_identity(independent))
     flows: list[StagePlan] = []
@@ -125,7 +141,7 @@ def build_plan(config: PipelineConfig) -> Plan:
     for k in range(1, config.rounds + 1):
         train = _train_config(config, k)
         if previous is None:
-            stage = _add_training(plan, "train-1", train, independent, independent_hash, None, ())
+            stage = _add_training(plan, "train-1", train, independent, independent_hash, None, imports)
         elif config.reflow == "online":
             source = OnlineSource(previous.output, config.pi0, _seed(config, "couple", k - 1),
                                   config.couple.solver if config.couple else "rk45@1e-5")
@@ -143,7 +159,8 @@ def build_plan(config: PipelineConfig) -> Plan:
                      config=coupling, teacher=stage.name)
         previous = stage
     for path in config.baselines:
-        flows.append(_add_training(plan, f"train-{path}", _train_config(config, 1, path), independent, independent_hash, None, ()))
+        flows.append(_add_training(plan, f"train-{path}", _train_config(config, 1, path), independent, independent_hash,
+                                   None, imports))
         subjects.append(EvalSubject(name=f"train-{path}", label=BASELINE_LABELS[path], family="baseline", round=1, path=path))
     for distill in config.distill:
         flows.append(_add_distillation(plan, config, distill))
@@ -154,12 +171,20 @@ def build_plan(config: PipelineConfig) -> Plan:
     models = flows
 
     evaluation = EvalConfig(pi0=config.pi0, pi1=config.pi1, **config.evaluate.model_dump())
+    classifier = None
+    if evaluation.classifier is not None and isinstance(config.pi1, ImagesSpec):
+        classifier = plan.add("classifier", "classifier", classifier_stage_hash(evaluation.classifier, config.pi1),
+                              imports1, settings=evaluation.classifier, data=config.pi1)
     evals = []
     for model, subject in zip(models, subjects):
         teacher = plan.stages[subject.teacher] if subject.teacher else None
+        inputs = [stage for stage in (teacher, classifier) if stage is not None]
         evals.append(plan.add(
-            f"eval-{model.name}", "eval", eval_stage_hash(evaluation, subject, model.hash, teacher.hash if teacher else None),
-            (model.name, *((teacher.name,) if teacher else ())), config=evaluation, subject=subject, model=model.name,
+            f"eval-{model.name}", "eval",
+            eval_stage_hash(evaluation, subject, model.hash, teacher.hash if teacher else None,
+                            classifier.hash if classifier else None),
+            (model.name, *(stage.name for stage in inputs)), config=evaluation, subject=subject, model=model.name,
+            classifier=classifier.name if classifier else None,
         ))
     plan.add("report", "report", stage_hash("report", {}, {stage.name: stage.hash for stage in evals}),
              tuple(stage.name for stage in evals))

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from workflows.figures import Panel, Series, panels, quality_vs_nfe
+from workflows.figures import Panel, Series, image_grids, panels, quality_vs_nfe
 from workflows.stage import PLAN_FILE, PROGRESS_FILE, SUCCESS_FILE
 from workflows.stages.evaluate import (
     INDEPENDENT,
@@ -209,6 +209,12 @@ RESULT_COLUMNS = (
     ("nfe_max", "NFE max", "d"),
     ("w2", "W2 to π1", ".4g"),
     ("mmd2", "MMD²", ".3g"),
+    ("fd_classifier", "FD (classifier)", ".4g"),
+    ("precision", "precision", ".3f"),
+    ("recall", "recall", ".3f"),
+    ("fid", "FID", ".4g"),
+    ("inception_score", "IS", ".3f"),
+    ("kid", "KID", ".3g"),
     ("one_step_distance", "distance to ref.", ".4g"),
     ("straightness", "straightness", ".4g"),
     ("transport_cost", "transport cost", ".4g"),
@@ -225,8 +231,20 @@ SUMMARY_COLUMNS = (
     ("pairing_ratio", "pairing ratio", ".4f"),
     ("one_step_distance", "1-step distance", ".3f"),
     ("one_step_w2", "1-step W2", ".3f"),
+    ("one_step_fd", "1-step FD (classifier)", ".3f"),
+    ("one_step_fid", "1-step FID", ".3f"),
     ("nfe", "NFE of the coupling", ".1f"),
 )
+
+
+def shown_columns(
+    columns: tuple[tuple[str, str, str], ...], rows: list[dict[str, Any]]
+) -> tuple[tuple[str, str, str], ...]:
+    """``columns`` without the numeric ones that no row fills (e.g. crossings for images, FID for vectors)."""
+    return tuple(
+        column for column in columns
+        if column[2] == "s" or any(number(row.get(column[0]), column[2]) != "–" for row in rows)
+    )
 
 
 def summary_rows(results: RunResults) -> list[dict[str, Any]]:
@@ -244,10 +262,21 @@ def summary_rows(results: RunResults) -> list[dict[str, Any]]:
                 **{key: coupling[key] for key in ("crossing_pct", "transport_cost", "pairing_ratio")},
                 "one_step_distance": one_step.get("one_step_distance"),
                 "one_step_w2": one_step.get("w2"),
+                "one_step_fd": one_step.get("fd_classifier"),
+                "one_step_fid": one_step.get("fid"),
                 "nfe": coupling["nfe_mean"],
             }
         )
     return rows
+
+
+def display_label(row: dict[str, Any]) -> str:
+    """A result row's model as the paper names it: a VP / sub-VP baseline sampled with an SDE
+    sampler is the "VP SDE" / "sub-VP SDE" row, with an ODE solver the "… ODE" row."""
+    label = str(row.get("label", ""))
+    if row.get("family") == "baseline" and str(row.get("sampler", "")).startswith("sde@"):
+        return label.replace("ODE", "SDE")
+    return label
 
 
 def _cells(row: dict[str, Any], columns: tuple[tuple[str, str, str], ...]) -> list[str]:
@@ -261,8 +290,10 @@ def _printable(text: str) -> str:
 def summary_table(run: str | Location) -> str:
     """The seed-style table as plain text (what ``rectiflow run`` prints at the end)."""
     results = load_run(run)
-    rows = [[_printable(cell) for cell in _cells(row, SUMMARY_COLUMNS)] for row in summary_rows(results)]
-    header = [title for _, title, _ in SUMMARY_COLUMNS]
+    summary = summary_rows(results)
+    columns = shown_columns(SUMMARY_COLUMNS, summary)
+    rows = [[_printable(cell) for cell in _cells(row, columns)] for row in summary]
+    header = [title for _, title, _ in columns]
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
@@ -353,18 +384,22 @@ def _overview(results: RunResults) -> list[Block]:
 def _tables(results: RunResults) -> list[Block]:
     if not results.evaluations:
         return [Heading("Results"), Text("No evaluation has finished yet.")]
+    summary, metrics = summary_rows(results), results.metrics().to_pylist()
+    summary_columns, result_columns = shown_columns(SUMMARY_COLUMNS, summary), shown_columns(RESULT_COLUMNS, metrics)
     return [
         Heading("Summary"),
         Table(
-            [title for _, title, _ in SUMMARY_COLUMNS],
-            [_cells(row, SUMMARY_COLUMNS) for row in summary_rows(results)],
+            [title for _, title, _ in summary_columns],
+            [_cells(row, summary_columns) for row in summary],
             "Coupling columns from each model's reference solve (Z0, Z1); 1-step columns from euler@1: "
-            "distance E‖Z1 − Z1 of the reference solve‖ and W2 to π1.",
+            "distance E‖Z1 − Z1 of the reference solve‖, W2 to π1 and, for images, feature distances. "
+            "FD (classifier): Fréchet distance in the feature space of the run's classifier stage; "
+            "FID / IS / KID: InceptionV3 with the weights named in the evaluation's manifest.",
         ),
         Heading("Results: model × sampler"),
         Table(
-            [title for _, title, _ in RESULT_COLUMNS],
-            [_cells(row, RESULT_COLUMNS) for row in results.metrics().to_pylist()],
+            [title for _, title, _ in result_columns],
+            [_cells({**row, "label": display_label(row)}, result_columns) for row in metrics],
             "NFE: velocity evaluations per sample (RK45: mean and max). Straightness: E Σ Δt‖(Z1 − Z0) − ΔZ/Δt‖² "
             "of the sampler's own path. Transport cost E‖Z1 − Z0‖; pairing ratio: that cost ÷ the exact OT cost "
             "between the same point sets (≥ 1). Worker s: seconds the workers spent on the sampler, summed over "
@@ -451,6 +486,55 @@ def _samples_figure(results: RunResults) -> Image:
     return Image("figure-samples.png", figure, f"Samples by sampler — {settings}.")
 
 
+def _one_step_figure(results: RunResults) -> Image | None:
+    """Distillation versus reflow: every model's one-step (euler@1) samples side by side with their
+    W2 to π1; None unless a distilled model was evaluated with euler@1."""
+    shown = [e for e in results.evaluations if e.row_of("euler@1")]
+    if not any(e.manifest.get("subject", {}).get("family") == "distilled" for e in shown):
+        return None
+    items = []
+    for evaluation in shown:
+        row = evaluation.row_of("euler@1")
+        items.append(Panel(
+            f"{evaluation.label}\neuler@1 · W2 {number(row['w2'], '.3g')}",
+            ends=_vectors_of(evaluation.samples, "euler@1", "x1"),
+            background=_vectors_of(evaluation.samples, INDEPENDENT, "x1"),
+        ))
+    settings = _settings(shown[0], "one-step samples Z1 (grey: π1)")
+    caption = (
+        f"Distillation versus reflow — {settings}. Distilling random pairs can at best learn E[X1 | X0] "
+        "and collapses toward the conditional mean; reflow pairs are deterministic, so a one-step model "
+        "distilled from them can match them."
+    )
+    return Image("figure-one-step.png", panels(items, settings), caption)
+
+
+GRID_IMAGES = 16
+"""Images per panel of the sample grids."""
+
+
+def _image_samples_figure(results: RunResults, shape: list[int]) -> Image:
+    """Sample grids: a row per model, a column per sampler, after a column of the model's
+    starting points Z0 (noise, or the source domain of a transfer) and one of π1's images."""
+    first = results.evaluations[0]
+
+    def images(evaluation: Evaluation, sampler: str, column: str) -> np.ndarray:
+        return _vectors_of(evaluation.samples, sampler, column)[:GRID_IMAGES].reshape(-1, *shape)
+
+    items = [("Z0 (source)", images(first, INDEPENDENT, "x0")), ("π1 (data)", images(first, INDEPENDENT, "x1"))]
+    for evaluation in results.evaluations:
+        for row in evaluation.rows():
+            title = f"{evaluation.label}\n{row['sampler']} · NFE {row['nfe_mean']:.1f}"
+            quality = row.get("fd_classifier")
+            if quality is not None and not math.isnan(quality):
+                title += f" · FD {number(quality, '.3g')}"
+            items.append((title, images(evaluation, row["sampler"], "x1")))
+    settings = _settings(first, f"the first {GRID_IMAGES} samples Z1 from the same Z0")
+    columns = max(2, len(first.rows()))
+    return Image("figure-image-samples.png", image_grids(items, settings, columns),
+                 f"Samples by model and sampler, first panels: the starting points Z0 and π1 — {settings}.")
+
+
 def _figures(results: RunResults) -> list[Block]:
     if not results.evaluations:
         return []
@@ -467,9 +551,14 @@ def _figures(results: RunResults) -> list[Block]:
         Heading("Figures"),
         Image("figure-quality-vs-nfe.png", quality_vs_nfe(series, settings), f"Quality against NFE — {settings}."),
     ]
+    shape = first.config.get("pi0", {}).get("shape", [])
+    if len(shape) == 3:
+        blocks.append(_image_samples_figure(results, shape))
     if first.samples["x0"].type.list_size == 2:
         blocks += [
-            figure for figure in (_pairs_figure(results), _paths_figure(results), _samples_figure(results)) if figure
+            figure for figure in (
+                _pairs_figure(results), _paths_figure(results), _samples_figure(results), _one_step_figure(results)
+            ) if figure
         ]
     return blocks
 

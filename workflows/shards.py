@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ StoredDtype = Literal["float32", "float16", "uint8"]
 _ARROW_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "uint8": pa.uint8()}
 _ENCODINGS = {"float32": "BYTE_STREAM_SPLIT", "float16": "PLAIN", "uint8": "DELTA_BINARY_PACKED"}
 _NFE_KEYS = ("nfe_sum", "nfe_max", "nfe_min")
+_VERIFY_THREADS = 8
 
 
 class ShardError(ValueError):
@@ -120,15 +122,22 @@ def encode_shard(
         "nfe_min": int(nfe.min()),
     }
     table = pa.table(columns).replace_schema_metadata({METADATA_KEY: json.dumps(info, sort_keys=True).encode()})
+    encodings = {f"{name}.list.element": _ENCODINGS[fmt.dtype] for name in values}
+    return parquet_bytes(table, ["pair_id"], encodings)
+
+
+def parquet_bytes(table: pa.Table, statistics: list[str], encodings: dict[str, str] | None = None) -> bytes:
+    """``table`` as one zstd row group without dictionaries, statistics on ``statistics`` only:
+    the same table always gives the same bytes."""
     sink = pa.BufferOutputStream()
     pq.write_table(
         table,
         sink,
         compression="zstd",
         use_dictionary=False,
-        write_statistics=["pair_id"],
-        row_group_size=len(pair_ids),
-        column_encoding={f"{name}.list.element": _ENCODINGS[fmt.dtype] for name in values},
+        write_statistics=statistics,
+        row_group_size=max(1, table.num_rows),
+        **({"column_encoding": encodings} if encodings else {}),
     )
     return sink.getvalue().to_pybytes()
 
@@ -177,29 +186,49 @@ def inspect_shard(
     return ShardEntry(index, shard_name(index), start, stop - start, sha256(data), len(data)), nfe
 
 
-def decode_shard(
-    data: bytes, fmt: CouplingFormat, entry: ShardEntry, source: str
-) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """(pair ids, x0, x1) of a shard, x0 regenerated when omitted; verifies everything."""
+def check_shard(data: bytes, fmt: CouplingFormat, entry: ShardEntry, source: str) -> None:
+    """Check the bytes of a shard against its manifest entry (size, sha256) and, from the Parquet
+    footer alone, its schema (columns, vector size, value type) and row count; :class:`ShardError`
+    naming ``source`` otherwise."""
     if len(data) != entry.bytes or sha256(data) != entry.sha256:
         raise ShardError(
             f"shard {source} does not match the manifest ({len(data)} bytes, expected {entry.bytes}; "
             "checksum mismatch): it was changed or truncated after the coupling stage finished"
         )
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        footer = pq.read_metadata(pa.BufferReader(data))
+        schema = footer.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as error:
         raise ShardError(f"shard {source} is not a readable Parquet file: {error}") from None
     expected = ["pair_id", *(["x0"] if fmt.x0_stored else []), "x1"]
-    if table.column_names != expected:
-        raise ShardError(f"shard {source} has columns {table.column_names}, expected {expected}")
+    if schema.names != expected:
+        raise ShardError(f"shard {source} has columns {schema.names}, expected {expected}")
+    if not pa.types.is_integer(schema.field("pair_id").type):
+        raise ShardError(f"shard {source}: column pair_id has type {schema.field('pair_id').type}, expected int64")
     for name in expected[1:]:
-        column_type = table.schema.field(name).type
-        if not pa.types.is_fixed_size_list(column_type) or column_type.list_size != fmt.dim:
+        column_type = schema.field(name).type
+        if (
+            not pa.types.is_fixed_size_list(column_type)
+            or column_type.list_size != fmt.dim
+            or column_type.value_type != _ARROW_TYPES[fmt.dtype]
+        ):
             raise ShardError(
                 f"shard {source}: column {name} has type {column_type}, expected vectors of "
-                f"{fmt.dim} = {'x'.join(map(str, fmt.shape))} values"
+                f"{fmt.dim} = {'x'.join(map(str, fmt.shape))} {fmt.dtype} values"
             )
+    if footer.num_rows != entry.rows:
+        raise ShardError(f"shard {source} has {footer.num_rows} rows, the manifest says {entry.rows}")
+
+
+def decode_shard(
+    data: bytes, fmt: CouplingFormat, entry: ShardEntry, source: str
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """(pair ids, x0, x1) of a shard, x0 regenerated when omitted; verifies everything."""
+    check_shard(data, fmt, entry, source)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ShardError(f"shard {source} is not a readable Parquet file: {error}") from None
     ids = table.column("pair_id").to_numpy()
     if table.num_rows != entry.rows or (
         entry.rows and not np.array_equal(ids, np.arange(entry.start_id, entry.start_id + entry.rows))
@@ -224,8 +253,10 @@ class Coupling:
     hash: str
 
     @classmethod
-    def open(cls, uri: Location) -> "Coupling":
-        """Read the manifest and check that every listed shard is present with its size."""
+    def open(cls, uri: Location, verify: bool = True) -> "Coupling":
+        """Read the manifest and check that every listed shard is present with its size; with
+        ``verify`` (the default) also read every shard once and check its checksum, schema and
+        rows (:meth:`verify`), so that a consumer fails before it uses any pair, never midway."""
         manifest = read_manifest(uri)
         try:
             fmt = CouplingFormat.model_validate(manifest["coupling"])
@@ -253,7 +284,26 @@ class Coupling:
                 raise ShardError(
                     f"shard {uri.join(entry.name).uri} has {size} bytes, the manifest says {entry.bytes}"
                 )
-        return cls(uri, fmt, shards, pairs, stage_hash)
+        coupling = cls(uri, fmt, shards, pairs, stage_hash)
+        if verify:
+            coupling.verify()
+        return coupling
+
+    def verify(self, threads: int = _VERIFY_THREADS) -> None:
+        """Read every shard and check it against the manifest (:func:`check_shard`); the first
+        problem raises :class:`ShardError` naming the shard's URI."""
+
+        def check(entry: ShardEntry) -> None:
+            target = self.location.join(entry.name)
+            try:
+                data = target.read_bytes()
+            except FileNotFoundError:
+                raise ShardError(f"shard {target.uri} listed in the manifest is missing") from None
+            check_shard(data, self.format, entry, target.uri)
+
+        with ThreadPoolExecutor(max(1, min(threads, len(self.shards)))) as pool:
+            for _ in pool.map(check, self.shards):
+                pass
 
     def read(self, entry: ShardEntry) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """(pair ids, x0, x1) of one shard, verified against the manifest."""

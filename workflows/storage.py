@@ -14,6 +14,13 @@ Visibility rules:
   call). Either way a reader sees the old object or the whole new one.
 - :meth:`Location.create_bytes` — the same, but only if the object does not exist yet
   (``os.link`` on a local disk, ``If-None-Match: *`` on S3). Returns False when it existed.
+
+Failures: a request to S3 that fails transiently (5xx, a dropped connection, a timeout) is retried
+by botocore in its ``standard`` mode (``AWS_MAX_ATTEMPTS`` attempts, default 10, with jittered
+exponential back-off; ``AWS_RETRY_MODE`` chooses another mode) and by s3fs; what still fails — and
+any error of a local disk (full, read-only, permission denied) — is raised as
+:class:`StorageIOError`, an ``OSError`` that names the operation and the URI. A missing object
+stays a ``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -30,16 +37,47 @@ from urllib.parse import urlsplit
 import fsspec
 import pyarrow.fs
 
-_REMOTE_OPTIONS: dict[str, dict[str, Any]] = {
-    # Listings must never be served from a cache: whether a shard or manifest exists decides
-    # what runs.
-    "s3": {"use_listings_cache": False},
-    "gs": {"use_listings_cache": False},
-}
+DEFAULT_S3_ATTEMPTS = 10
+S3_CONNECT_TIMEOUT_S = 10
+S3_READ_TIMEOUT_S = 60
+
+
+def _remote_options(protocol: str) -> dict[str, Any]:
+    """Options of the fsspec filesystem of ``protocol``. Listings are never served from a cache:
+    whether a shard or manifest exists decides what runs. S3 requests are retried (see the module
+    docstring); the options are read from the environment when the filesystem is made, so they
+    are part of fsspec's instance key."""
+    if protocol == "s3":
+        retries = {
+            "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", DEFAULT_S3_ATTEMPTS)),
+        }
+        config = {"retries": retries, "connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_READ_TIMEOUT_S}
+        return {"use_listings_cache": False, "config_kwargs": config}
+    if protocol == "gs":
+        return {"use_listings_cache": False}
+    return {}
 
 
 class StorageError(ValueError):
     """A storage URI is malformed or unusable."""
+
+
+class StorageIOError(OSError):
+    """Reading or writing a location failed (after the backend's retries); names the URI."""
+
+    def __init__(self, operation: str, uri: str, error: BaseException):
+        detail = str(error) or type(error).__name__
+        super().__init__(f"cannot {operation} {uri}: {type(error).__name__}: {detail}")
+        self.errno = getattr(error, "errno", None)
+
+
+def _failed(operation: str, uri: str, error: OSError) -> OSError:
+    """``error`` itself when it is a FileNotFoundError or already names the URI, else a
+    :class:`StorageIOError` naming ``operation`` and ``uri``."""
+    if isinstance(error, (FileNotFoundError, StorageIOError)):
+        return error
+    return StorageIOError(operation, uri, error)
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -109,7 +147,7 @@ class Location:
     def fs(self) -> fsspec.AbstractFileSystem:
         """The fsspec filesystem (instances are shared per protocol)."""
         try:
-            return fsspec.filesystem(self.protocol, **_REMOTE_OPTIONS.get(self.protocol, {}))
+            return fsspec.filesystem(self.protocol, **_remote_options(self.protocol))
         except ImportError as error:
             raise StorageError(f"storage URI {self.uri}: the {self.protocol} backend is not installed ({error})") from None
 
@@ -123,13 +161,18 @@ class Location:
     # -- reading ---------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        return bool(self.fs.exists(self.path))
+        try:
+            return bool(self.fs.exists(self.path))
+        except OSError as error:
+            raise _failed("check", self.uri, error) from None
 
     def read_bytes(self) -> bytes:
         try:
             return self.fs.cat_file(self.path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.uri} does not exist") from None
+        except OSError as error:
+            raise _failed("read", self.uri, error) from None
 
     def read_json(self) -> Any:
         data = self.read_bytes()
@@ -139,7 +182,10 @@ class Location:
             raise ValueError(f"{self.uri} is not valid JSON: {error}") from None
 
     def size(self) -> int:
-        return int(self.fs.size(self.path))
+        try:
+            return int(self.fs.size(self.path))
+        except OSError as error:
+            raise _failed("stat", self.uri, error) from None
 
     def list_names(self) -> list[str]:
         """Names of the entries directly under this folder ([] when it does not exist)."""
@@ -147,27 +193,32 @@ class Location:
             entries = self.fs.ls(self.path, detail=False)
         except FileNotFoundError:
             return []
+        except OSError as error:
+            raise _failed("list", self.uri, error) from None
         return sorted(posixpath.basename(str(entry).rstrip("/")) for entry in entries)
 
     # -- writing ---------------------------------------------------------------------------
 
     def write_bytes(self, data: bytes) -> None:
         """Write the whole object so that readers never see a partial one."""
-        if self.is_local:
-            self._write_local(data, exclusive=False)
-        else:
-            self.fs.pipe_file(self.path, data)
+        try:
+            if self.is_local:
+                self._write_local(data, exclusive=False)
+            else:
+                self.fs.pipe_file(self.path, data)
+        except OSError as error:
+            raise _failed("write", self.uri, error) from None
 
     def create_bytes(self, data: bytes) -> bool:
         """Like :meth:`write_bytes`, but only when nothing is there yet; False if it existed."""
-        if self.is_local:
-            return self._write_local(data, exclusive=True)
         try:
+            if self.is_local:
+                return self._write_local(data, exclusive=True)
             self.fs.pipe_file(self.path, data, mode="create")
         except (FileExistsError, OSError) as error:
             if isinstance(error, FileExistsError) or "PreconditionFailed" in str(error) or "412" in str(error):
                 return False
-            raise
+            raise _failed("create", self.uri, error) from None
         return True
 
     def write_json(self, value: Any) -> None:
@@ -175,8 +226,13 @@ class Location:
 
     def delete(self) -> None:
         """Remove the object, or the folder and everything under it (missing is fine)."""
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
+        try:
+            if self.fs.exists(self.path):
+                self.fs.rm(self.path, recursive=True)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise _failed("delete", self.uri, error) from None
 
     def _write_local(self, data: bytes, exclusive: bool) -> bool:
         directory = os.path.dirname(self.path)

@@ -1,4 +1,4 @@
-"""Metrics of couplings (transport) and of sample quality (distribution)."""
+"""Metrics of couplings (transport) and of sample quality (distribution, images)."""
 
 from rf.metrics.distribution import (
     frechet_distance,
@@ -7,6 +7,8 @@ from rf.metrics.distribution import (
     mmd2,
     precision_recall,
 )
+from rf.metrics.images import extract_features, fid, inception_score, kid
+from rf.metrics.inception import InceptionV3, inception_hash, load_inception
 from rf.metrics.transport import (
     crossing_rate,
     exact_ot_cost,
@@ -18,11 +20,18 @@ from rf.metrics.transport import (
 )
 
 __all__ = [
+    "InceptionV3",
     "crossing_rate",
     "exact_ot_cost",
+    "extract_features",
+    "fid",
     "frechet_distance",
     "frechet_distance_of_features",
     "gaussian_statistics",
+    "inception_hash",
+    "inception_score",
+    "kid",
+    "load_inception",
     "mmd2",
     "pairing_ratio",
     "precision_recall",

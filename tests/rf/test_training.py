@@ -92,3 +92,160 @@ def test_rf_never_imports_ray_fsspec_or_pyarrow():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path} imports {name}"
+
+
+# -- gradient accumulation, channels_last, LPIPS ------------------------------------------------
+
+from contextlib import contextmanager  # noqa: E402
+
+from safetensors.torch import save_file  # noqa: E402
+
+from rf.losses import EndpointLoss, make_loss, velocity_loss  # noqa: E402
+from rf.models import UNet  # noqa: E402
+
+
+def _params(trainer):
+    return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+
+
+def _assert_same_weights(a, b, atol):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-5, msg=name)
+
+
+def test_accumulated_step_equals_one_step_on_the_whole_batch():
+    g = torch.Generator().manual_seed(7)
+    x0, x1, t = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g) + 3, torch.rand(32, generator=g)
+    whole, accumulated = make_trainer(), make_trainer(grad_accumulation=4)
+    for _ in range(2):  # the second step also checks that gradients do not leak between steps
+        loss_whole = whole.step(x0, x1, t)
+        loss_accumulated = accumulated.step(x0, x1, t)
+    assert loss_accumulated == pytest.approx(loss_whole, rel=1e-5)
+    assert accumulated.step_count == whole.step_count == 2
+    _assert_same_weights(_params(whole), _params(accumulated), atol=1e-6)
+    with pytest.raises(ValueError, match="does not split into grad_accumulation=4"):
+        accumulated.step(x0[:30], x1[:30], t[:30])
+    with pytest.raises(ValueError, match="grad_accumulation must be an integer >= 1"):
+        make_trainer(grad_accumulation=0)
+
+
+class _CountingWrapper(torch.nn.Module):
+    """Stands in for DDP: counts the micro-batches run under ``no_sync()``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+        self.synced = []
+        self._sync = True
+
+    @contextmanager
+    def no_sync(self):
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
+    def forward(self, x, t):
+        self.synced.append(self._sync)
+        return self.module(x, t)
+
+
+def test_accumulation_skips_the_gradient_all_reduce_on_all_but_the_last_micro_batch():
+    torch.manual_seed(0)
+    model = MLPVelocity(dim=2, width=16, depth=1)
+    wrapper = _CountingWrapper(model)
+    trainer = VelocityTrainer(model, StraightPath(), forward_model=wrapper, grad_accumulation=3)
+    trainer.step(*(tensor[:12] for tensor in batches(1)[0]))
+    assert wrapper.synced == [False, False, True]
+
+
+def _tiny_unet(**overrides):
+    torch.manual_seed(0)
+    config = dict(in_channels=3, resolution=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                  attn_resolutions=(8,), dropout=0.0)
+    config.update(overrides)
+    return UNet(**config)
+
+
+def _image_batch(n=4, size=16, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.rand(n, 3, size, size, generator=g) * 2 - 1, torch.rand(n, generator=g)
+
+
+def test_channels_last_trains_like_the_default_layout():
+    x0, x1, t = _image_batch()
+    default = VelocityTrainer(_tiny_unet(), StraightPath(), lr=1e-3)
+    nhwc = VelocityTrainer(_tiny_unet(), StraightPath(), lr=1e-3, channels_last=True)
+    assert nhwc.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not default.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        loss_default = default.step(x0, x1, t)
+        loss_nhwc = nhwc.step(x0, x1, t)
+    assert loss_nhwc == pytest.approx(loss_default, rel=1e-4)
+    _assert_same_weights(_params(default), _params(nhwc), atol=1e-5)
+    # checkpoints are layout-free: a channels_last trainer restores into a default one
+    restored = VelocityTrainer(_tiny_unet(), StraightPath(), lr=1e-3)
+    restore_trainer(restored, trainer_to_files(nhwc), "memory")
+    _assert_same_weights(_params(nhwc), _params(restored), atol=0)
+
+
+@pytest.fixture(scope="module")
+def lpips_weights(tmp_path_factory):
+    """A random LPIPS weights file in the real key names (positive linear weights)."""
+    return _lpips_weights_file(tmp_path_factory.mktemp("lpips"))
+
+
+def _lpips_weights_file(directory):
+    from rf.lpips import LPIPS
+
+    torch.manual_seed(0)
+    state = {k: v for k, v in LPIPS().state_dict().items() if k not in ("shift", "scale")}
+    for name, tensor in state.items():
+        if name.startswith("lin"):
+            state[name] = torch.rand(tensor.shape) + 0.1
+        else:
+            state[name] = torch.randn(tensor.shape) * 0.05
+    path = directory / "lpips.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def test_lpips_loss_compares_the_predicted_endpoint_with_x1(lpips_weights):
+    """x̂1 = x_t + (1 − t)·v(x_t, t) against x1: at t = 0 it is LPIPS(x0 + v(x0, 0), x1)."""
+    loss = make_loss("lpips", weights=lpips_weights, resize=0)
+    assert isinstance(loss, EndpointLoss)
+    model = _tiny_unet()
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)  # a fresh UNet predicts v = 0
+    x0, x1, _ = _image_batch()
+    lpips = loss.image_loss.lpips
+    with torch.no_grad():
+        at_zero = velocity_loss(model, StraightPath(), x0, x1, torch.zeros(4), loss)
+        expected = lpips(x0 + model(x0, torch.zeros(4)), x1).mean()
+        torch.testing.assert_close(at_zero, expected)
+        t = torch.full((4,), 0.25)
+        xt = 0.25 * x1 + 0.75 * x0
+        expected = lpips(xt + 0.75 * model(xt, t), x1).mean()
+        torch.testing.assert_close(velocity_loss(model, StraightPath(), x0, x1, t, loss), expected)
+
+
+def test_lpips_losses_train_the_model_and_never_the_lpips_network(lpips_weights):
+    for name in ("lpips", "lpips_huber"):
+        loss = make_loss(name, weights=lpips_weights, resize=0)
+        trainer = VelocityTrainer(_tiny_unet(), StraightPath(), loss=loss, lr=1e-3)
+        frozen = {k: v.clone() for k, v in loss.state_dict().items()}
+        before = _params(trainer)
+        x0, x1, t = _image_batch()
+        value = trainer.step(x0, x1, t)
+        assert value > 0 and trainer.step_count == 1
+        assert any(not torch.equal(before[k], v) for k, v in _params(trainer).items()), name
+        assert all(torch.equal(frozen[k], v) for k, v in loss.state_dict().items()), name
+
+
+def test_lpips_loss_needs_its_weights(tmp_path):
+    with pytest.raises(ValueError, match="lpips loss needs weights"):
+        make_loss("lpips")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        make_loss("lpips_huber", weights=tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="no option c"):
+        make_loss("lpips", weights=tmp_path / "w.safetensors", c=1.0)

@@ -11,15 +11,6 @@ from torch import nn
 from rf.models.unet import AttnBlock, ResBlock, UNet, group_count
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run these tiny workloads on one intra-op thread: no slower for such small tensors,
-    and immune to OpenMP spin-wait slowdowns when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny(**overrides) -> dict:
     """A CPU-sized config; override any constructor argument."""

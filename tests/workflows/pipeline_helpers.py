@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
+
 from workflows.stage import SUCCESS_FILE
 
 TINY = os.path.join(os.path.dirname(__file__), "data", "tiny.yaml")
@@ -29,3 +31,14 @@ def stage_times(plan, names=None) -> dict[str, str]:
     """A fingerprint of each finished stage's manifest (any re-run rewrites it with new times)."""
     names = names or list(plan.stages)
     return {name: hashlib.sha256(plan.stages[name].output.join(SUCCESS_FILE).read_bytes()).hexdigest() for name in names}
+
+
+TIMING = ("wall_seconds", "cpu_seconds", "gpu_seconds")
+
+
+def metrics_of(plan) -> pd.DataFrame:
+    """All evaluation rows of a run without the timing columns, in a fixed order."""
+    report = plan.stages["report"].output
+    frame = pd.read_parquet(report.join("metrics.parquet").uri, filesystem=report.fs if not report.is_local else None)
+    frame = frame.drop(columns=[c for c in frame.columns if c in TIMING])
+    return frame.sort_values(["model", "sampler"]).reset_index(drop=True)

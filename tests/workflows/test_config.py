@@ -83,11 +83,15 @@ BAD = [
     (mutate("couple", DELETE), "couple: missing"),
     (mutate("distill.0.from_round", 5), "from_round 5 > rounds 3"),
     (mutate("distill.0.k", 0), "distill.0.k: Input should be greater than 0"),
-    (mutate("distill.0.train", {"steps": -1}), "distill distill-2: train.steps: Input should be greater than 0"),
+    (mutate("distill.0.train", {"steps": -1}), "distill distill-1: train.steps: Input should be greater than 0"),
     (mutate("round_train", {7: {"steps": 10}}), "round_train has round 7, but rounds is 3"),
     (mutate("round_train", {2: {"stepz": 10}}), "round_train.2.stepz: unknown key"),
     (mutate("evaluate.samplers", []), "evaluate.samplers: list at least one sampler"),
     (mutate("evaluate.samplers", ["euler@0"]), "evaluate.samplers: solver 'euler@0': euler needs steps >= 1"),
+    (mutate("evaluate.samplers", ["sde@100"]), "evaluate.samplers: ['sde@100'] need pi0 to be Gaussian noise"),
+    (mutate("evaluate.classifier", {"steps": 10}), "evaluate.classifier: measures images, but pi1 is not of kind images"),
+    (mutate("pi1", {"kind": "images", "shape": [2]}), "shape must be"),
+    (mutate("pi1", {"kind": "images", "shape": [1, 8, 8]}), "give exactly one of uri"),
     (mutate("evaluate.samples", 1), "evaluate.samples: Input should be greater than 1"),
     (mutate("reflow", "sometimes"), "reflow: Input should be 'stored' or 'online'"),
 ]
@@ -139,5 +143,5 @@ def test_bad_overrides():
         load_pipeline(TOY, ["train.steps"])
     with pytest.raises(ConfigError, match="train.steps.x: steps is not a mapping or a list"):
         load_pipeline(TOY, ["train.steps.x=3"])
-    with pytest.raises(ConfigError, match="distill.4.k: 4 is not an index of a list of 1"):
+    with pytest.raises(ConfigError, match="distill.4.k: 4 is not an index of a list of 3"):
         load_pipeline(TOY, ["distill.4.k=3"])

@@ -198,6 +198,8 @@ def test_a_bad_model_is_refused_and_nothing_is_written(storage_root, spoil, shap
         ({"trajectories": 301}, r"trajectories \(301\) must be <= samples \(300\)"),
         ({"workers": 0}, "workers"),
         ({"pi1": NoiseSpec(shape=[3])}, r"pi0 has shape \[2\] but pi1 has shape \[3\]"),
+        ({"samplers": ["euler@1", "sde@100"]}, r"samplers \['sde@100'\] need pi0 to be Gaussian noise"),
+        ({"reference_solver": "sde@100"}, "the reference solve must be deterministic"),
         ({"nonsense": 1}, "nonsense"),
     ],
 )
@@ -223,3 +225,28 @@ def test_settings_defaults_identity_and_subject():
     assert eval_stage_hash(base, relabelled, "m") != eval_stage_hash(base, SUBJECT, "m")
     with pytest.raises(ValidationError, match="family"):
         EvalSubject(name="train-1", label="x", family="other")
+
+
+def test_sde_samplers_do_not_depend_on_workers_or_blocks(tmp_path, ray_session, monkeypatch):
+    """The SDE's noise is keyed by (seed, sample id, step): the same samples whatever the blocks
+    and workers; with σ = 0 it is Euler exactly."""
+    root = location(str(tmp_path))
+    model = root.join("train-1")
+    write_teacher(model, random_mlp())
+    gaussian = NoiseSpec(shape=[2])
+    settings = dict(pi0=gaussian, samplers=["euler@4", "sde@4", "sde@4:0"], reference_solver="euler@4", trajectories=0)
+    run_eval_stage(config(workers=1, **settings), SUBJECT, model, root.join("one"))
+    monkeypatch.setattr(evaluate, "BLOCK_IDS", 64)
+    run_eval_stage(config(workers=2, **settings), SUBJECT, model, root.join("two"))
+    one, two = (pd.read_parquet(root.join(name, "samples.parquet").path) for name in ("one", "two"))
+    pd.testing.assert_frame_equal(one, two, check_exact=True)
+    ends = {name: np.stack(one.loc[one["sampler"] == name, "x1"].to_list()) for name in ("euler@4", "sde@4", "sde@4:0")}
+    np.testing.assert_array_equal(ends["sde@4:0"], ends["euler@4"])
+    assert np.abs(ends["sde@4"] - ends["euler@4"]).mean() > 0.1
+    rows = rows_by_sampler(root.join("one"))
+    assert rows["sde@4"]["nfe_mean"] == rows["sde@4"]["nfe_max"] == 4
+    # a reflow model was trained on coupled pairs: its velocity gives no score, so no SDE rows
+    reflow = EvalSubject(name="train-2", label="2-RF", family="rectified", round=2)
+    manifest = run_eval_stage(config(workers=1, **settings), reflow, model, root.join("reflow"))
+    assert list(rows_by_sampler(root.join("reflow"))) == ["euler@4"]
+    assert set(manifest["skipped_samplers"]) == {"sde@4", "sde@4:0"}

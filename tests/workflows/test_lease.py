@@ -24,16 +24,31 @@ def test_one_holder_and_a_clear_message_for_the_other(storage_root):
     second.release()
 
 
-def test_a_lease_of_a_dead_process_is_taken_over(tmp_path):
-    stage = location(str(tmp_path)).join("couple-2-abc")
+def _leave_a_dead_holders_lease(stage, run_id: str) -> None:
+    """A fresh-looking lease of a process on this host that has exited."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    record = {"run_id": "crashed", "host": socket.gethostname(), "pid": dead.pid, "since": time.time(), "heartbeat": time.time()}
+    record = {"run_id": run_id, "host": socket.gethostname(), "pid": dead.pid, "since": time.time(), "heartbeat": time.time()}
     stage.join(LEASE_FILE).write_json(record)
+
+
+def test_a_lease_of_a_dead_process_is_taken_over(tmp_path):
+    stage = location(str(tmp_path)).join("couple-2-abc")
+    _leave_a_dead_holders_lease(stage, "crashed")
     lease = Lease(stage, "run-b", ttl=3600, grace=0.01)
     lease.acquire(wait=False)
     assert json.loads(stage.join(LEASE_FILE).read_bytes())["run_id"] == "run-b"
     lease.release()
+
+
+def test_a_stale_lease_beside_a_finished_stage_is_cleared_and_a_live_one_kept(tmp_path):
+    stage = location(str(tmp_path)).join("eval-abc")
+    _leave_a_dead_holders_lease(stage, "killed")
+    assert Lease(stage, "run-b", ttl=3600).clear_stale() and not stage.join(LEASE_FILE).exists()
+    live = Lease(stage, "run-a", ttl=3600)
+    live.acquire()
+    assert not Lease(stage, "run-b", ttl=3600).clear_stale() and stage.join(LEASE_FILE).exists()
+    live.release()
 
 
 def test_a_lease_without_heartbeat_goes_stale_and_a_live_one_does_not(storage_root):

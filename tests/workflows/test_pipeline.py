@@ -1,36 +1,23 @@
-"""The pipeline on a real local Ray: end to end on S3, re-runs, config changes, a killed driver,
-leases, and the `rectiflow` command line."""
+"""The pipeline on a real local Ray: end to end on S3, re-runs, config changes, leases, and the
+`rectiflow` command line (a killed driver: tests/faults/test_driver.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
 
-from tests.workflows.pipeline_helpers import TINY, rectiflow, stage_times
+from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow, stage_times
 from workflows.config import load_pipeline
 from workflows.lease import Lease
 from workflows.pipeline import CACHED, DONE, PipelineRun
 from workflows.plan import build_plan
 from workflows.stage import SUCCESS_FILE
 from workflows.storage import location
-
-TIMING = ("wall_seconds", "cpu_seconds", "gpu_seconds")
-
-
-def metrics_of(plan) -> pd.DataFrame:
-    """All evaluation rows of a run without the timing columns, in a fixed order."""
-    report = plan.stages["report"].output
-    frame = pd.read_parquet(report.join("metrics.parquet").uri, filesystem=report.fs if not report.is_local else None)
-    frame = frame.drop(columns=[c for c in frame.columns if c in TIMING])
-    return frame.sort_values(["model", "sampler"]).reset_index(drop=True)
-
 
 @pytest.fixture(scope="module")
 def clean_run(ray_session, s3_endpoint):
@@ -78,49 +65,6 @@ def test_a_config_change_reruns_only_what_it_touches(clean_run):
     assert ran == ["distill-2", "eval-distill-2", "report"]
     for name in ("train-1", "couple-1", "train-2", "couple-2", "eval-train-1", "eval-train-2"):
         assert changed.stages[name].output == plan.stages[name].output
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_a_killed_driver_resumes_without_redoing_finished_work(clean_run, tmp_path):
-    """SIGKILL `rectiflow run` while couple-2 writes shards, run it again: finished stages are
-    untouched (manifests, checkpoints), couple-2 keeps its shards, the results equal the clean run."""
-    clean_plan, _, _ = clean_run
-    storage = str(tmp_path / "runs")
-    plan = build_plan(load_pipeline(TINY, storage=storage))
-    couple2 = plan.stages["couple-2"].output
-    driver = rectiflow("run", TINY, "--storage", storage, background=True)
-    try:
-        _wait_for(lambda: any(n.startswith("shard-") for n in couple2.list_names()), 600, "couple-2 to write a shard")
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        driver.wait(timeout=60)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    assert not couple2.join(SUCCESS_FILE).exists()
-    finished = ["train-1", "couple-1", "train-2"]
-    before = stage_times(plan, finished)
-    checkpoints = {name: sorted(plan.stages[name].output.join("ray", "train").list_names()) for name in ("train-1", "train-2")}
-    shards_before = {n for n in couple2.list_names() if n.startswith("shard-")}
-
-    result = rectiflow("run", TINY, "--storage", storage)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert stage_times(plan, finished) == before, "a finished stage ran again"
-    for name, names in checkpoints.items():
-        assert sorted(plan.stages[name].output.join("ray", "train").list_names()) == names, f"{name} trained again"
-    manifest = couple2.join(SUCCESS_FILE).read_json()
-    assert manifest["shards_reused"] == len(shards_before) > 0
-    assert manifest["shards_written"] == 8 - len(shards_before)
-    pd.testing.assert_frame_equal(metrics_of(plan).drop(columns=["uri"], errors="ignore"),
-                                  metrics_of(clean_plan).drop(columns=["uri"], errors="ignore"))
-    assert "report:" in result.stdout and "report.html" in result.stdout
 
 
 def test_a_held_lease_is_reported_and_a_dead_one_taken_over(ray_session, tmp_path):

@@ -7,12 +7,13 @@ import re
 import shutil
 import subprocess
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from tests.workflows.helpers import fabricate_toy_run
-from workflows.report import load_run, number, summary_table, write_report
+from workflows.report import display_label, load_run, number, summary_table, write_report
 from workflows.stage import write_manifest
 from workflows.stages.evaluate import EvalSettings, read_table
 from workflows.storage import location
@@ -110,7 +111,7 @@ def test_rebuilding_from_storage_gives_the_same_numbers(toy_run, tmp_path):
         for name in ("eval-train-1", "eval-train-2")
         for row in read_table(location(stages[name]["uri"]).join("metrics.parquet")).to_pylist()
     ]
-    assert metrics == stored and len(metrics) == 8
+    assert pd.DataFrame(metrics).equals(pd.DataFrame(stored)) and len(metrics) == 8  # NaN-aware
     markdown = location(first["md"]).read_bytes().decode()
     two_step = next(row for row in metrics if row["label"] == "1-RF" and row["sampler"] == "euler@2")
     assert f"| 1-RF | euler@2 | 2.0 | 2 | {number(two_step['w2'])} |" in markdown
@@ -197,3 +198,16 @@ def test_a_run_with_nothing_finished_still_reports(tmp_path):
     assert "| train-1 | train | not finished | abc |  |" in markdown
     assert read_table(location(uris["metrics"])).num_rows == 0
     assert summary_table(run).splitlines()[-1] == "not finished: train-1"
+
+
+@pytest.mark.parametrize(
+    "row, label",
+    [
+        ({"label": "VP ODE", "family": "baseline", "sampler": "sde@2000"}, "VP SDE"),
+        ({"label": "sub-VP ODE", "family": "baseline", "sampler": "sde@500:0.5"}, "sub-VP SDE"),
+        ({"label": "VP ODE", "family": "baseline", "sampler": "rk45@1e-05"}, "VP ODE"),
+        ({"label": "2-RF", "family": "rectified", "sampler": "sde@100"}, "2-RF"),
+    ],
+)
+def test_sde_rows_of_the_baselines_are_named_as_in_the_paper(row, label):
+    assert display_label(row) == label

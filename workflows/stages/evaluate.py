@@ -36,8 +36,10 @@ import hashlib
 import io
 import logging
 import math
+import tempfile
 import time
-from typing import Any, Callable, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -48,19 +50,36 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray.data import DataContext
 
 from rf.coupling import FixedShapeVelocity
-from rf.metrics import crossing_rate, mmd2, pairing_ratio, straightness_per_sample, transport_cost, wasserstein2
+from rf.metrics import (
+    crossing_rate,
+    extract_features,
+    fid,
+    inception_hash,
+    inception_score,
+    kid,
+    load_inception,
+    mmd2,
+    pairing_ratio,
+    straightness_per_sample,
+    transport_cost,
+    wasserstein2,
+)
+from rf.metrics.distribution import frechet_distance_of_features, precision_recall
+from rf.paths import make_path
 from rf.solvers import Solver
-from workflows.distributions import DistributionSpec, NoiseSpec, ToySpec, sample_by_id
+from workflows.distributions import DistributionSpec, distribution_identity, sample_by_id
 from workflows.stage import (
     StageClock,
     code_version,
     finished_manifest,
     process_cpu_seconds,
+    read_manifest,
     stage_hash,
     write_manifest,
     write_progress,
 )
-from workflows.storage import Location
+from workflows.stages.images import ClassifierSettings, load_classifier
+from workflows.storage import Location, location
 from workflows.weights import load_input_model, load_stage_model
 
 KIND = "eval"
@@ -70,7 +89,7 @@ TRAJECTORIES_FILE = "trajectories.parquet"
 INDEPENDENT = "independent"
 """Sampler name of the independent pairs (Z0, X1 ~ π1) in ``samples.parquet``."""
 FIGURE_SAMPLES = 500
-"""(Z0, Z1) pairs kept per sampler for the report's figures."""
+"""(Z0, Z1) pairs kept per sampler for the report's figures (fewer for large images)."""
 BLOCK_IDS = 256
 """Sample ids per Ray Data task."""
 FORWARD_BATCH = 256
@@ -101,6 +120,12 @@ class EvalSettings(_Strict):
     seed: int = Field(1234, ge=0, lt=2**63)
     reference_solver: str = Field("rk45@1e-5", validate_default=True)
     trajectories: int = Field(64, ge=0)
+    classifier: ClassifierSettings | None = None
+    """Images: train a small classifier on π1 once (a ``classifier`` stage) and measure the
+    Fréchet distance and precision/recall of samples in its feature space."""
+    inception: str | None = None
+    """Images: URI of InceptionV3 weights (safetensors, or a .pth read without unpickling) for
+    FID, IS and KID; nothing is downloaded."""
     workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -119,7 +144,10 @@ class EvalSettings(_Strict):
     @field_validator("reference_solver")
     @classmethod
     def _reference(cls, text: str) -> str:
-        return Solver.parse(text).name
+        name = Solver.parse(text).name
+        if name.startswith("sde@"):
+            raise ValueError(f"{name}: the reference solve must be deterministic (euler, heun or rk45)")
+        return name
 
     @model_validator(mode="after")
     def _counts(self) -> "EvalSettings":
@@ -141,11 +169,21 @@ class EvalConfig(EvalSettings):
     def _shapes(self) -> "EvalConfig":
         if list(self.pi0.shape) != list(self.pi1.shape):
             raise ValueError(f"pi0 has shape {list(self.pi0.shape)} but pi1 has shape {list(self.pi1.shape)}")
+        stochastic = [name for name in self.samplers if name.startswith("sde@")]
+        if stochastic and self.pi0.kind != "noise":
+            raise ValueError(
+                f"samplers {stochastic} need pi0 to be Gaussian noise (the SDE's score correction assumes "
+                f"X0 ~ N(0, I)), but pi0 is of kind {self.pi0.kind}"
+            )
         return self
 
     def identity(self) -> dict[str, Any]:
         """Everything that decides the numbers (not the workers or their resources)."""
-        return self.model_dump(mode="json", exclude={"workers", "cpus_per_worker", "gpus_per_worker"})
+        return {
+            **self.model_dump(mode="json", exclude={"workers", "cpus_per_worker", "gpus_per_worker"}),
+            "pi0": distribution_identity(self.pi0),
+            "pi1": distribution_identity(self.pi1),
+        }
 
     @property
     def solvers(self) -> list[str]:
@@ -168,33 +206,65 @@ class EvalSubject(_Strict):
     """For a distilled model, the stage name of the flow it imitates: its reference solve then
     comes from that teacher, so the distance column measures how well the coupling was learnt."""
 
+    @property
+    def independent_pairs(self) -> bool:
+        """Whether the model was trained on independent pairs (X0 ⫫ X1: a 1-RF or a baseline),
+        the condition under which its velocity gives the score, −E[X0 | x]/β_t, that SDE samplers
+        need. A reflow or distilled model's pairs are coupled, so its SDE rows would be wrong."""
+        return self.family == "baseline" or (self.family == "rectified" and self.round == 1)
 
-def eval_stage_hash(config: EvalConfig, subject: EvalSubject, model_hash: str, teacher_hash: str | None = None) -> str:
+
+def eval_stage_hash(
+    config: EvalConfig, subject: EvalSubject, model_hash: str, teacher_hash: str | None = None,
+    classifier_hash: str | None = None,
+) -> str:
     """The stage hash: the config's identity, the subject, the model's hash and, for a distilled
-    model, its teacher's hash."""
-    return stage_hash(
-        KIND,
-        {"config": config.identity(), "subject": subject.model_dump(mode="json")},
-        {"model": model_hash, "teacher": teacher_hash or ""},
-    )
+    model, its teacher's hash; for images measured by a classifier, its stage's hash."""
+    inputs = {"model": model_hash, "teacher": teacher_hash or ""}
+    if classifier_hash is not None:
+        inputs["classifier"] = classifier_hash
+    return stage_hash(KIND, {"config": config.identity(), "subject": subject.model_dump(mode="json")}, inputs)
 
 
 # -- quality against π1, one function per data kind ---------------------------------------------
 
-QualityMetric = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
-
-
 def vector_quality(samples: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """Exact W2 and unbiased MMD² (Gaussian kernels at the median distance) of two point sets."""
-    return {"w2": wasserstein2(samples, reference), "mmd2": mmd2(samples, reference)}
+    """Exact W2 and unbiased MMD² (Gaussian kernels at the median distance) of two point sets
+    (images: in pixel space, flattened)."""
+    return {"w2": wasserstein2(samples.flatten(1), reference.flatten(1)), "mmd2": mmd2(samples.flatten(1), reference.flatten(1))}
 
 
-QUALITY_METRICS: dict[str, QualityMetric] = {
-    "vectors": vector_quality,
-    # Until the Inception / classifier feature metrics arrive, images are compared in pixel space.
-    "images": vector_quality,
-}
-QUALITY_COLUMNS = ("w2", "mmd2")
+@dataclasses.dataclass(frozen=True)
+class FeatureQuality:
+    """Image quality in the feature spaces available to the stage, on all M samples:
+
+    - classifier features: Fréchet distance ``fd_classifier`` = ‖μ_a − μ_b‖² + tr(Σ_a + Σ_b −
+      2(Σ_a Σ_b)^½) and k-NN precision/recall (k = 3);
+    - InceptionV3 (pool3 features, logits): ``fid``, ``inception_score`` exp E KL(p(y|x) ‖ p(y))
+      and ``kid`` (unbiased MMD² with the cubic kernel (x·y/d + 1)³); precision/recall in its
+      space when there is no classifier."""
+
+    classifier: torch.nn.Module | None = None
+    inception: torch.nn.Module | None = None
+
+    def __call__(self, samples: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+        values: dict[str, float] = {}
+        if self.classifier is not None:
+            with torch.inference_mode():
+                a, b = self.classifier.features(samples), self.classifier.features(reference)
+            values["fd_classifier"] = frechet_distance_of_features(a, b)
+            values["precision"], values["recall"] = precision_recall(b, a)
+        if self.inception is not None:
+            (fa, logits), (fb, _) = extract_features(self.inception, samples), extract_features(self.inception, reference)
+            values["fid"] = fid(fa, fb)
+            values["inception_score"] = inception_score(logits)[0]
+            values["kid"] = kid(fa, fb, subsets=10, subset_size=min(1000, len(fa)))[0]
+            if self.classifier is None:
+                values["precision"], values["recall"] = precision_recall(fb, fa)
+        return values
+
+
+QUALITY_COLUMNS = ("w2", "mmd2", "fd_classifier", "precision", "recall", "fid", "inception_score", "kid")
 """Every column a quality function may fill, in the order the report shows them."""
 
 
@@ -237,7 +307,8 @@ class EvalJob:
 
     model: Location
     model_hash: str
-    pi0: NoiseSpec | ToySpec
+    pi0: DistributionSpec
+    path: str
     seed: int
     solvers: tuple[str, ...]
     trajectories: int
@@ -281,6 +352,7 @@ class Sampler:
             )
         self._velocity = FixedShapeVelocity(model.to(job.device), FORWARD_BATCH)
         self._solvers = [Solver.parse(name) for name in job.solvers]
+        self._path = make_path(job.path)
         self._job = job
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -297,7 +369,9 @@ class Sampler:
         wall, cpu = time.perf_counter(), time.process_time()
         ids = np.arange(start, stop, dtype=np.int64)
         x0 = sample_by_id(job.pi0, job.seed, ids).to(job.device)
-        solution = self._solvers[solver].solve(self._velocity, x0, return_trajectory=True)
+        solution = self._solvers[solver].solve(
+            self._velocity, x0, return_trajectory=True, path=self._path, seed=job.seed, ids=torch.from_numpy(ids)
+        )
         trajectory = solution.trajectory
         straightness = straightness_per_sample(trajectory).cpu().numpy()
         kept = int(np.count_nonzero(ids < job.trajectories))  # ids are ascending: the first rows
@@ -392,13 +466,14 @@ def _metric_row(
     reference: torch.Tensor,
     fine: torch.Tensor,
     results: dict[str, dict[str, Any]],
+    features: FeatureQuality,
 ) -> dict[str, Any]:
     """The ``metrics.parquet`` row of one sampler; ``fine`` is the reference solve of the same Z0
     (the model's own, or its teacher's for a distilled model)."""
     result = results[sampler]
     x1 = result["x1"].reshape(x0.shape)
     sub = config.ot_samples
-    quality = QUALITY_METRICS[data_kind(list(x0.shape[1:]))](x1[:sub], reference[:sub])
+    quality = {**vector_quality(x1[:sub], reference[:sub]), **features(x1, reference)}
     distance = torch.linalg.vector_norm((x1.double() - fine.double()).flatten(1), dim=1).mean()
     return {
         "model": subject.name,
@@ -442,7 +517,7 @@ def _vectors(values: np.ndarray) -> pa.FixedSizeListArray:
 def _samples_table(x0: torch.Tensor, reference: torch.Tensor, results: dict[str, dict[str, Any]]) -> pa.Table:
     """The first :data:`FIGURE_SAMPLES` pairs (Z0, Z1) of every solver and the independent pairs
     (Z0, X1 ~ π1), one row per (sampler, id)."""
-    n = min(FIGURE_SAMPLES, len(x0))
+    n = min(FIGURE_SAMPLES, len(x0), max(16, TRAJECTORY_VALUES // x0[0].numel()))
     ends = {INDEPENDENT: reference.flatten(1), **{name: result["x1"] for name, result in results.items()}}
     names = list(ends)
     start = x0[:n].flatten(1).numpy()
@@ -507,12 +582,41 @@ def _trajectory_states(config: EvalConfig) -> int:
     return max(2, min(MAX_TRAJECTORY_STATES, TRAJECTORY_VALUES // values))
 
 
+def _classifier_hash(classifier: Location | None) -> str | None:
+    return read_manifest(classifier)["hash"] if classifier is not None else None
+
+
+def _feature_quality(config: EvalConfig, classifier: Location | None) -> tuple[FeatureQuality, dict[str, Any]]:
+    """The feature extractors of an image evaluation and their provenance (file hashes)."""
+    if data_kind(list(config.pi1.shape)) != "images":
+        return FeatureQuality(), {}
+    provenance: dict[str, Any] = {}
+    net = None
+    if classifier is not None:
+        net, digest = load_classifier(classifier)
+        provenance["classifier"] = {"uri": classifier.uri, "sha256": digest}
+    inception = None
+    if config.inception is not None:
+        weights = location(config.inception)
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / (Path(weights.path).name or "inception.safetensors")
+            try:
+                local.write_bytes(weights.read_bytes())
+            except FileNotFoundError:
+                raise EvalError(f"evaluate.inception: {weights.uri} does not exist") from None
+            inception = load_inception(str(local))
+            provenance["inception"] = {"uri": weights.uri, "sha256": inception_hash(str(local))}
+    return FeatureQuality(net, inception), provenance
+
+
 def run_eval_stage(
-    config: EvalConfig, subject: EvalSubject, model: Location, output: Location, teacher: Location | None = None
+    config: EvalConfig, subject: EvalSubject, model: Location, output: Location, teacher: Location | None = None,
+    classifier: Location | None = None,
 ) -> dict[str, Any]:
     """Evaluate the finished training stage ``model`` with every sampler of ``config`` into
     ``output`` (see the module docstring); returns the manifest. For a distilled model,
-    ``teacher`` is the flow it imitates: the reference solve is the teacher's.
+    ``teacher`` is the flow it imitates: the reference solve is the teacher's. For images,
+    ``classifier`` is a finished classifier stage whose features measure quality.
 
     Returns a finished output's manifest without loading the model; otherwise validates
     everything before writing anything."""
@@ -524,13 +628,20 @@ def run_eval_stage(
         return finished
     clock, driver_cpu = StageClock(), process_cpu_seconds()
     _, model_hash = load_input_model(model, "model", config.pi0.shape, EvalError)
+    features, feature_provenance = _feature_quality(config, classifier)
+    skipped = [] if subject.independent_pairs else [name for name in config.solvers if name.startswith("sde@")]
+    solvers = [name for name in config.solvers if name not in skipped]
+    samplers = [name for name in config.samplers if name not in skipped]
+    if skipped:
+        logger.info("evaluation %s: no SDE rows for %s (trained on coupled pairs): %s", output.uri, subject.label, skipped)
     teacher_hash = load_input_model(teacher, "teacher", config.pi0.shape, EvalError)[1] if teacher else None
     job = EvalJob(
         model,
         model_hash,
         config.pi0,
+        subject.path,
         config.seed,
-        tuple(config.solvers),
+        tuple(solvers),
         config.trajectories,
         _trajectory_states(config),
         config.cpus_per_worker,
@@ -541,7 +652,7 @@ def run_eval_stage(
         model.uri,
         subject.label,
         config.samples,
-        ", ".join(config.solvers),
+        ", ".join(solvers),
         config.workers,
     )
     results = _sample(job, config.samples, config.workers, output)
@@ -555,7 +666,9 @@ def run_eval_stage(
     x0 = sample_by_id(config.pi0, config.seed, ids)
     reference = sample_by_id(config.pi1, config.seed + 1, ids)
     fine = references[config.reference_solver]["x1"].reshape(x0.shape)
-    rows = [_metric_row(config, subject, model_hash, name, x0, reference, fine, results) for name in config.samplers]
+    rows = [
+        _metric_row(config, subject, model_hash, name, x0, reference, fine, results, features) for name in samplers
+    ]
     files = {
         METRICS_FILE: table_bytes(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)),
         SAMPLES_FILE: table_bytes(_samples_table(x0, reference, results)),
@@ -569,7 +682,7 @@ def run_eval_stage(
     manifest = {
         "kind": KIND,
         "stage": output.name,
-        "hash": eval_stage_hash(config, subject, model_hash, teacher_hash),
+        "hash": eval_stage_hash(config, subject, model_hash, teacher_hash, _classifier_hash(classifier)),
         "config": config.model_dump(mode="json"),
         "identity": config.identity(),
         "subject": subject.model_dump(mode="json"),
@@ -577,8 +690,13 @@ def run_eval_stage(
             "model": {"uri": model.uri, "hash": model_hash},
             **({"teacher": {"uri": teacher.uri, "hash": teacher_hash}} if teacher else {}),
         },
+        "features": feature_provenance,
         "data_kind": data_kind(list(config.pi0.shape)),
-        "solvers": config.solvers,
+        "solvers": solvers,
+        "skipped_samplers": {
+            name: "the model was trained on coupled pairs: its velocity does not give the score an SDE needs"
+            for name in skipped
+        },
         "rows": json_safe(rows),
         "independent": json_safe(coupling_metrics(x0, reference, config.ot_samples)),
         "files": {

@@ -37,12 +37,13 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from rf.checkpoint import EMA_FILE, SPEC_FILE, model_from_files, restore_trainer, tensors_from_bytes, trainer_to_files
-from rf.losses import make_loss
+from rf.losses import LPIPS_LOSSES, check_loss, make_loss
 from rf.models import build_model, input_shape, model_spec
 from rf.noise import uniform
 from rf.paths import make_path
 from rf.timesteps import make_time_sampler
 from rf.training import NonFiniteLossError, VelocityTrainer
+from workflows.distributions import distribution_identity
 from workflows.pair_stream import CouplingSource, IndependentSource, OnlineSource, StreamPlan, rank_datasets
 from workflows.shards import Coupling
 from workflows.stage import (
@@ -56,7 +57,7 @@ from workflows.stage import (
     write_manifest,
     write_progress,
 )
-from workflows.storage import Location
+from workflows.storage import Location, StorageError, location
 from workflows.weights import load_stage_model, write_model
 
 logger = logging.getLogger("rectiflow.train")
@@ -98,6 +99,29 @@ class Choice(_Strict):
     options: dict[str, float] = Field(default_factory=dict)
 
 
+class LossChoice(Choice):
+    """The training loss: ``name`` (l2, pseudo_huber, lpips, lpips_huber), keyword ``options``,
+    and for the LPIPS losses ``weights``, the URI of the LPIPS network's safetensors file (read
+    through the storage layer; nothing is downloaded from the internet)."""
+
+    weights: str | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> "LossChoice":
+        canonical = check_loss(self.name, self.options, self.weights)
+        object.__setattr__(self, "name", canonical)
+        if self.weights is not None:
+            try:
+                object.__setattr__(self, "weights", location(self.weights).uri)
+            except StorageError as error:
+                raise ValueError(f"weights: {error}") from None
+        return self
+
+    @property
+    def is_lpips(self) -> bool:
+        return self.name in LPIPS_LOSSES
+
+
 def checked_time_sampler(choice: Choice) -> Choice:
     """``choice`` when it names a buildable time sampler (else the sampler's ValueError)."""
     make_time_sampler(choice.name, **choice.options)
@@ -113,7 +137,9 @@ class TrainSettings(_Strict):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    loss: Choice = Choice(name="l2")
+    loss: LossChoice = LossChoice(name="l2")
+    grad_accumulation: int = Field(1, ge=1)
+    channels_last: bool = False
     workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -123,17 +149,23 @@ class TrainSettings(_Strict):
     log_every: int = Field(100, gt=0)
     data_buffer_mb: int = Field(512, gt=0)
 
-    @field_validator("loss")
-    @classmethod
-    def _loss(cls, choice: Choice) -> Choice:
-        make_loss(choice.name, **choice.options)
-        return choice
-
     @model_validator(mode="after")
     def _batch_splits(self) -> "TrainSettings":
-        if self.batch_size % self.workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers})")
+        split = self.workers * self.grad_accumulation
+        if self.batch_size % split:
+            if self.grad_accumulation == 1:
+                raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of workers × grad_accumulation "
+                f"({self.workers} × {self.grad_accumulation} = {split}): batch_size is the global batch of one "
+                f"optimizer step, each worker runs grad_accumulation micro-batches of batch_size / {split}"
+            )
         return self
+
+    @property
+    def micro_batch(self) -> int:
+        """Examples per forward/backward pass on one worker."""
+        return self.batch_size // (self.workers * self.grad_accumulation)
 
 
 class TrainConfig(TrainSettings):
@@ -150,11 +182,30 @@ class TrainConfig(TrainSettings):
     def _time_sampler(cls, choice: Choice) -> Choice:
         return checked_time_sampler(choice)
 
+    @model_validator(mode="after")
+    def _lpips_on_straight_path(self) -> "TrainConfig":
+        if self.loss.is_lpips and self.path != "straight":
+            raise ValueError(
+                f"loss {self.loss.name} compares the endpoints x_t + (1 − t)·v, which are X1 only on the "
+                f"straight path; path is {self.path}"
+            )
+        return self
+
     def identity(self) -> dict[str, Any]:
-        """Fields that decide the trained weights (not checkpointing, retries or logging)."""
-        return self.model_dump(
+        """Fields that decide the trained weights (not checkpointing, retries or logging). Options
+        added later are left out at their defaults, so older stage hashes stay valid."""
+        identity = self.model_dump(
             mode="json", exclude={"cpus_per_worker", "checkpoint_every", "max_failures", "log_every", "data_buffer_mb"}
         )
+        for key, default in _NEW_DEFAULTS.items():
+            if identity[key] == default:
+                del identity[key]
+        if identity["loss"]["weights"] is None:
+            del identity["loss"]["weights"]
+        return identity
+
+
+_NEW_DEFAULTS: dict[str, Any] = {"grad_accumulation": 1, "channels_last": False}
 
 
 def _data_seeds(seed: int) -> tuple[int, int, int]:
@@ -190,6 +241,27 @@ def _nonfinite_report(output: Location) -> str | None:
     return f"stopped at step {records[0]['step']}: {records[0]['detail']}{where}"
 
 
+def build_loss(choice: LossChoice) -> Any:
+    """The loss of ``choice``; LPIPS weights are read from their URI through the storage layer
+    (StageInputError naming ``loss.weights`` when missing or unusable)."""
+    if not choice.is_lpips:
+        return make_loss(choice.name, **choice.options)
+    weights = location(choice.weights)
+    try:
+        data = weights.read_bytes()
+    except (FileNotFoundError, StorageError, OSError) as error:
+        raise StageInputError(f"loss.weights: cannot read the LPIPS weights at {weights.uri}: {error}") from None
+    suffix = Path(weights.path).suffix or ".safetensors"
+    with tempfile.TemporaryDirectory() as directory:
+        local = Path(directory, f"lpips{suffix}")
+        local.write_bytes(data)
+        try:
+            return make_loss(choice.name, weights=local, **choice.options)
+        except (ValueError, FileNotFoundError) as error:
+            message = str(error).replace(str(local), weights.uri)
+            raise StageInputError(f"loss.weights: {message}") from None
+
+
 def _train_worker(loop: dict[str, Any]) -> None:
     """The per-worker loop (runs inside Ray Train)."""
     config: TrainConfig = loop["config"]
@@ -205,17 +277,24 @@ def _train_worker(loop: dict[str, Any]) -> None:
     if loop["init_weights"] is not None:
         model.load_state_dict(tensors_from_bytes(loop["init_weights"], "warm-start weights"))
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)  # before DDP wraps it: its buckets follow the layout
     forward_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    loss_fn = build_loss(config.loss)
+    if isinstance(loss_fn, torch.nn.Module):
+        loss_fn.to(device)
     trainer = VelocityTrainer(
         model,
         make_path(config.path),
-        loss=make_loss(config.loss.name, **config.loss.options),
+        loss=loss_fn,
         lr=config.lr,
         warmup_steps=config.warmup_steps,
         grad_clip=config.grad_clip,
         ema_decay=config.ema_decay,
         forward_model=forward_model,
         autocast_dtype=torch.bfloat16 if use_bf16 else None,
+        grad_accumulation=config.grad_accumulation,
+        channels_last=config.channels_last,
     )
     totals: dict[str, Any] = {"cpu_seconds": 0.0, "gpu_seconds": 0.0, "examples": 0, "resumed_at": []}
     checkpoint = ray.train.get_checkpoint()
@@ -322,8 +401,8 @@ def _source(data: Data, config: TrainConfig) -> IndependentSource | OnlineSource
 def independent_identity(source: IndependentSource) -> dict[str, Any]:
     """What independent pairs are, for hashes and manifests."""
     return {
-        "pi0": source.pi0.model_dump(mode="json"),
-        "pi1": source.pi1.model_dump(mode="json"),
+        "pi0": distribution_identity(source.pi0),
+        "pi1": distribution_identity(source.pi1),
         "seed0": source.seed0,
         "seed1": source.seed1,
     }
@@ -332,7 +411,7 @@ def independent_identity(source: IndependentSource) -> dict[str, Any]:
 def online_identity(source: OnlineSource, teacher_hash: str) -> dict[str, Any]:
     """What online reflow pairs are, for hashes and manifests."""
     return {
-        "pi0": source.pi0.model_dump(mode="json"),
+        "pi0": distribution_identity(source.pi0),
         "seed": source.seed,
         "solver": source.solver,
         "forward_batch": source.forward_batch,
@@ -360,6 +439,10 @@ def run_train_stage(
     model_shape = input_shape(build_model(**spec))
     if list(source.shape) != model_shape:
         raise StageInputError(f"the data has examples of shape {source.shape} but the model takes {model_shape}")
+    if config.loss.is_lpips:
+        if len(model_shape) != 3:
+            raise StageInputError(f"loss {config.loss.name} compares images; the examples have shape {model_shape}")
+        build_loss(config.loss)  # the weights exist and fit, before anything is written or trained
 
     clock = StageClock()
     output.join(NONFINITE_DIR).delete()

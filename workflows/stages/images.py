@@ -1,0 +1,108 @@
+"""The image stages of a pipeline: importing a dataset source, and the small classifier whose
+feature space gives the digits' Fréchet distance.
+
+- ``import-pi0`` / ``import-pi1``: :func:`workflows.images.import_images` of an
+  :class:`~workflows.distributions.ImagesSpec` ``source`` into the stage's location (its
+  ``_SUCCESS.json`` is the dataset manifest), so the pipeline works from a folder, zip, array or
+  ``sklearn:digits`` without a separate import step.
+- ``classifier``: a :class:`rf.models.digit_classifier.DigitClassifier` trained once on π1's
+  images and labels, saved as safetensors; evaluation stages compute the Fréchet distance and
+  precision/recall of samples in its feature space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from rf.models.digit_classifier import classifier_from_bytes, classifier_to_bytes, train_classifier
+from workflows.distributions import ImagesSpec
+from workflows.images import ImageDataset, import_images
+from workflows.images.builtin import materialized
+from workflows.stage import StageClock, code_version, finished_manifest, stage_hash, write_manifest
+from workflows.storage import Location
+
+logger = logging.getLogger("rectiflow.images")
+
+CLASSIFIER_FILE = "classifier.safetensors"
+
+
+def import_stage_hash(spec: ImagesSpec) -> str:
+    """An import is decided by its source, resolution, channels and shard size."""
+    return stage_hash("import", {"source": spec.source, "shape": spec.shape, "shard_size": spec.shard_size}, {})
+
+
+def run_import_stage(spec: ImagesSpec, output: Location) -> dict[str, Any]:
+    """Import ``spec.source`` into ``output`` (resumable: only missing shards are written)."""
+    assert spec.source is not None
+    with materialized(spec.source) as path:
+        return import_images(
+            path, output.uri, resolution=spec.shape[1], channels=spec.shape[0], shard_size=spec.shard_size,
+            parallel=False, progress=logger.info,
+        )
+
+
+class ClassifierSettings(BaseModel):
+    """``evaluate.classifier``: training of the feature classifier (digits-sized images)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(600, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+
+
+def classifier_stage_hash(settings: ClassifierSettings, data: ImagesSpec) -> str:
+    return stage_hash("classifier", settings.model_dump(mode="json"), {"data": str(data.identity())})
+
+
+def _labelled_images(data: ImagesSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of π1's dataset (all classes) in [−1, 1], with its label."""
+    dataset = ImageDataset.open(data.uri)
+    images = torch.from_numpy(dataset.take(range(dataset.count))).float() / 127.5 - 1.0
+    return images, torch.from_numpy(dataset.labels())
+
+
+def run_classifier_stage(settings: ClassifierSettings, data: ImagesSpec, output: Location) -> dict[str, Any]:
+    """Train the classifier on π1's labelled images; the manifest records its train accuracy."""
+    expected = {"settings": settings.model_dump(mode="json")}
+    finished = finished_manifest(output, "classifier", "classifier", expected, ValueError)
+    if finished is not None:
+        return finished
+    clock = StageClock()
+    images, labels = _labelled_images(data)
+    if (labels < 0).any():
+        raise ValueError(f"{data.uri} has unlabelled images: the feature classifier needs class labels")
+    model, train_accuracy = train_classifier(
+        images, labels, steps=settings.steps, batch=settings.batch_size, seed=settings.seed, lr=settings.lr,
+    )
+    data_bytes = classifier_to_bytes(model)
+    output.join(CLASSIFIER_FILE).write_bytes(data_bytes)
+    manifest = {
+        "kind": "classifier",
+        "stage": output.name,
+        "hash": classifier_stage_hash(settings, data),
+        "settings": settings.model_dump(mode="json"),
+        "data": data.uri,
+        "images": len(images),
+        "train_accuracy": train_accuracy,
+        "classes": int(labels.max()) + 1,
+        "sha256": hashlib.sha256(data_bytes).hexdigest(),
+        "time": clock.summary(),
+        "code": code_version(),
+    }
+    logger.info("classifier %s: train accuracy %.3f on %d images", output.uri, train_accuracy, len(images))
+    write_manifest(output, manifest)
+    return manifest
+
+
+def load_classifier(stage: Location) -> tuple[torch.nn.Module, str]:
+    """The classifier of a finished stage and its file's sha256 (for provenance)."""
+    data = stage.join(CLASSIFIER_FILE).read_bytes()
+    return classifier_from_bytes(data, stage.join(CLASSIFIER_FILE).uri), hashlib.sha256(data).hexdigest()
+
