@@ -121,7 +121,9 @@ def _imported(plan: Plan, name: str, spec: Any) -> tuple[Any, tuple[str, ...]]:
     stage and reads its output; the stage names the data's readers must wait for."""
     if not isinstance(spec, ImagesSpec) or spec.source is None:
         return spec, ()
-    stage = plan.add(f"import-{name}", "import", import_stage_hash(spec), (), spec=spec)
+    digest = import_stage_hash(spec)
+    same = [stage for stage in plan.stages.values() if stage.kind == "import" and stage.hash == digest]
+    stage = same[0] if same else plan.add(f"import-{name}", "import", digest, (), spec=spec)  # π0 and π1 may share one
     return spec.at(stage.output.uri, stage.hash), (stage.name,)
 
 
@@ -131,7 +133,7 @@ def build_plan(config: PipelineConfig) -> Plan:
     pi0, imports0 = _imported(plan, "pi0", config.pi0)
     pi1, imports1 = _imported(plan, "pi1", config.pi1)
     config = config.model_copy(update={"pi0": pi0, "pi1": pi1})
-    imports = imports0 + imports1
+    imports = tuple(dict.fromkeys(imports0 + imports1))
     independent = IndependentSource(config.pi0, config.pi1, _seed(config, "pi0"), _seed(config, "pi1"))
     independent_hash = content_hash(independent_identity(independent))
     flows: list[StagePlan] = []

@@ -15,11 +15,11 @@ from tests.faults.conftest import endpoint
 from tests.workflows.pipeline_helpers import TINY, rectiflow
 from workflows.storage import StorageIOError, location
 
-SECRETS = {
-    "AWS_ACCESS_KEY_ID": "AKIAFAKESECRET1234567",
-    "AWS_SECRET_ACCESS_KEY": "fakeSecretAccessKey/zZ9+qQ8wWxXyYvV7uU6tT5sS",
-    "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEFAKESESSIONTOKENqWeRtY0123456789",
-    "RAY_AUTH_TOKEN": "rayauthfaketoken0123456789abcdef0123456789abcdef",
+SECRETS = {  # recognisable markers, not in any real credential's format
+    "AWS_ACCESS_KEY_ID": "rectiflow-planted-access-key-id-0001",
+    "AWS_SECRET_ACCESS_KEY": "rectiflow-planted-secret-access-key-0002",
+    "AWS_SESSION_TOKEN": "rectiflow-planted-session-token-0003",
+    "RAY_AUTH_TOKEN": "rectiflow-planted-ray-auth-token-0004",
 }
 SHORT = ["rounds=1", "distill=[]", "train.steps=10", "train.checkpoint_every=5", "evaluate.samplers=[euler@1]",
          "evaluate.samples=32", "evaluate.ot_samples=16", "evaluate.trajectories=2"]
