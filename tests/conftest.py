@@ -19,6 +19,12 @@ _S3_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 
+# Ray Train V2's controller polls its workers every 2 s, and a worker's `ray.train.report` waits
+# for that poll, so each checkpoint stalls training for up to 2 s. Real runs checkpoint every few
+# hundred steps; tests checkpoint every few steps and would spend most of their time waiting.
+# Set before any Ray starts, so the session's Ray and every `rectiflow` subprocess inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

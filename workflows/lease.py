@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -29,26 +28,6 @@ from workflows.storage import Location
 
 LEASE_FILE = "_LEASE.json"
 logger = logging.getLogger("rectiflow.lease")
-_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
-"""What :meth:`workflows.storage.Location.write_bytes` names its temporary files on a local disk."""
-
-
-def remove_temporaries(folder: str) -> list[str]:
-    """Remove the temporary files a killed writer left under the local ``folder`` (they are never
-    read: a write becomes visible only by its rename). Returns their paths."""
-    removed = []
-    for directory, _, names in os.walk(folder):
-        for name in names:
-            if _TEMPORARY.match(name):
-                path = os.path.join(directory, name)
-                try:
-                    os.unlink(path)
-                    removed.append(path)
-                except OSError:
-                    pass
-    return removed
-
-
 class LeaseHeld(RuntimeError):
     """Another live run holds the stage's lease (and the caller chose not to wait)."""
 
@@ -91,6 +70,7 @@ class Lease:
     def __init__(self, stage: Location, run_id: str | None = None, ttl: float = 60.0, grace: float = 1.0):
         if ttl <= 0:
             raise ValueError(f"lease ttl must be positive, got {ttl}")
+        self.folder = stage
         self.file = stage.join(LEASE_FILE)
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.ttl = ttl
@@ -137,10 +117,9 @@ class Lease:
         time.sleep(self.grace)
         if not self._mine():
             return self.current()
-        if self.file.is_local:  # the previous holder is gone: sweep what its killed writes left
-            removed = remove_temporaries(os.path.dirname(self.file.path))
-            if removed:
-                logger.warning("removed %d temporary files left by %s", len(removed), holder.run_id if holder else "?")
+        removed = self.folder.remove_temporaries()  # the previous holder is gone: sweep what its killed writes left
+        if removed:
+            logger.warning("removed %d temporary files left by %s", len(removed), holder.run_id if holder else "?")
         self._start_heartbeat()
         return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -27,6 +28,7 @@ SUCCESS_FILE = "_SUCCESS.json"
 PLAN_FILE = "pipeline.json"
 """At a run's root: the plan of its stages (written by the pipeline, read by status and report)."""
 HASH_LENGTH = 16
+logger = logging.getLogger("rectiflow.stage")
 
 
 class StageNotFinished(RuntimeError):
@@ -92,7 +94,12 @@ def finished_manifest(
 
 
 def write_manifest(output: Location, manifest: dict[str, Any]) -> None:
-    """Write ``_SUCCESS.json``: call this last, after every other object of the stage."""
+    """Write ``_SUCCESS.json``: call this last, after every other object of the stage. The stage's
+    writers are done by then, so a temporary file still under a local output was left by a worker
+    killed mid-write (its retry wrote the object again) and is removed first."""
+    removed = output.remove_temporaries()
+    if removed:
+        logger.info("removed %d temporary files that killed writers left under %s", len(removed), output.uri)
     output.join(SUCCESS_FILE).write_json(manifest)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,6 +39,8 @@ import fsspec
 import pyarrow.fs
 
 DEFAULT_S3_ATTEMPTS = 10
+_TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+"""What :meth:`Location.write_bytes` names its temporary files on a local disk."""
 S3_CONNECT_TIMEOUT_S = 10
 S3_READ_TIMEOUT_S = 60
 
@@ -254,6 +257,25 @@ class Location:
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
+
+    def remove_temporaries(self) -> list[str]:
+        """Remove the temporary files that writers killed mid-write left under this local folder
+        (they are never read: a local write becomes visible only by its rename; on object stores
+        a write is one PUT and leaves nothing). Call it only when no writer of the folder can still
+        be running. Returns the removed paths."""
+        removed = []
+        if not self.is_local:
+            return removed
+        for directory, _, names in os.walk(self.path):
+            for name in names:
+                if _TEMPORARY.match(name):
+                    path = os.path.join(directory, name)
+                    try:
+                        os.unlink(path)
+                        removed.append(path)
+                    except OSError:
+                        pass
+        return removed
 
 
 def location(uri: str | Location) -> Location:

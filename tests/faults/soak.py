@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 
-from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow  # noqa: E402
+from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow, set_arguments  # noqa: E402
 from workflows.config import load_pipeline  # noqa: E402
 from workflows.plan import build_plan  # noqa: E402
 from workflows.stage import SUCCESS_FILE  # noqa: E402
@@ -91,8 +91,7 @@ class Run:
     def __init__(self, storage: str, sets: list[str]):
         self.ray_tmp = tempfile.mkdtemp(prefix="rfsoak-", dir="/tmp")  # Ray's socket paths must stay short
         self.started = time.monotonic()
-        args = [arg for item in sets for arg in ("--set", item)]
-        self.process = rectiflow("run", TINY, "--storage", storage, *args, background=True,
+        self.process = rectiflow("run", TINY, "--storage", storage, *set_arguments(sets), background=True,
                                  env={"RAY_TMPDIR": self.ray_tmp})
 
     def processes(self) -> list[psutil.Process]:

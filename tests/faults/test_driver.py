@@ -37,7 +37,7 @@ import s3fs
 
 from tests.faults.conftest import bucket_keys
 from tests.faults.s3_proxy import FaultyProxy
-from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow, stage_times
+from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow, set_arguments, stage_times
 from workflows.config import load_pipeline
 from workflows.lease import LEASE_FILE
 from workflows.pair_stream import RAY_SNAPSHOT
@@ -50,7 +50,7 @@ SMALL = ["distill=[]", "train.steps=40", "train.checkpoint_every=10", "couple.pa
          "evaluate.samplers=[euler@1]", "evaluate.samples=64", "evaluate.ot_samples=32", "evaluate.trajectories=2"]
 """tiny.yaml without distillation (so: train-1, couple-1, train-2, two evaluations, the report), 40 steps,
 8 shards of 32 pairs, one sampler."""
-SETS = [arg for item in SMALL for arg in ("--set", item)]
+SETS = set_arguments(SMALL)
 RAY_DAEMONS = ("raylet", "gcs_server")
 
 

@@ -31,20 +31,22 @@ def _shard_writers(dashboard: str) -> list[dict]:
 
 
 def _kill_writers(dashboard: str, output, killed: list[tuple[int, str, int]], stop: threading.Event) -> None:
-    """Kill a shard writer once 2 shards exist, then another one once 4 more exist."""
-    thresholds = [2, 6][:KILLS]
-    while thresholds and not stop.is_set():
-        shards = [name for name in output.list_names() if name.startswith("shard-")]
-        if len(shards) >= thresholds[0]:
-            writers = _shard_writers(dashboard)
-            if writers:
-                victim = writers[len(killed) % len(writers)]
+    """Kill one shard writer once 2 shards exist, then the other original writer as soon as one more
+    shard lands. The second victim comes from the same actor listing, so no slow state-API call
+    stands between the two kills and the stage cannot finish in between on a fast machine."""
+    victims: list[dict] = []
+    threshold = 2
+    while len(killed) < KILLS and not stop.is_set():
+        done = sum(name.startswith("shard-") for name in output.list_names())
+        if done >= threshold:
+            if not victims:
+                victims = _shard_writers(dashboard)[:KILLS]
+            if victims:
+                victim = victims.pop(0)
                 os.kill(victim["pid"], signal.SIGKILL)
-                killed.append((victim["pid"], victim["class_name"], len(shards)))
-                thresholds.pop(0)
-                time.sleep(1.0)  # let Ray notice before looking for the next victim
-                continue
-        time.sleep(0.05)
+                killed.append((victim["pid"], victim["class_name"], done))
+                threshold = done + 1
+        time.sleep(0.02)
 
 
 def test_killed_sampling_workers_are_replaced_and_every_pair_is_written_once(ray_session, tmp_path):
@@ -66,6 +68,7 @@ def test_killed_sampling_workers_are_replaced_and_every_pair_is_written_once(ray
         stop.set()
         killer.join(timeout=30)
     assert len(killed) == KILLS, f"killed {killed}: the stage finished before every kill"
+    assert len({pid for pid, _, _ in killed}) == KILLS  # two different workers died
     assert all(done < 24 for _, _, done in killed)
     print("killed shard writers (pid, class, shards done):", killed)
 

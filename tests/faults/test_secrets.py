@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import endpoint
-from tests.workflows.pipeline_helpers import TINY, rectiflow
+from tests.workflows.pipeline_helpers import ONE_ROUND, TINY, rectiflow, set_arguments
 from workflows.storage import StorageIOError, location
 
 SECRETS = {  # recognisable markers, not in any real credential's format
@@ -21,11 +21,6 @@ SECRETS = {  # recognisable markers, not in any real credential's format
     "AWS_SESSION_TOKEN": "rectiflow-planted-session-token-0003",
     "RAY_AUTH_TOKEN": "rectiflow-planted-ray-auth-token-0004",
 }
-SHORT = ["rounds=1", "distill=[]", "train.steps=10", "train.checkpoint_every=5", "evaluate.samplers=[euler@1]",
-         "evaluate.samples=32", "evaluate.ot_samples=16", "evaluate.trajectories=2"]
-"""One round (train-1, its evaluation on Ray Data, the report): every kind of writer, quickly."""
-
-
 def _leaks(folder: Path) -> list[str]:
     found = []
     for path in folder.rglob("*"):
@@ -42,9 +37,8 @@ def test_a_run_writes_no_secret_anywhere(tmp_path, request):
     storage = tmp_path / "storage"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rf-", dir="/tmp"))  # Ray's socket paths must stay short
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
-    overrides = [arg for item in SHORT for arg in ("--set", item)]
     env = {**SECRETS, "RAY_TMPDIR": str(ray_tmp)}
-    result = rectiflow("run", TINY, "--storage", str(storage), *overrides, env=env, timeout=300)
+    result = rectiflow("run", TINY, "--storage", str(storage), *set_arguments(ONE_ROUND), env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     files = [path for path in storage.rglob("*") if path.is_file()]
     logs = [path for path in ray_tmp.rglob("*") if path.is_file()]

@@ -13,6 +13,15 @@ from workflows.stage import SUCCESS_FILE
 
 TINY = os.path.join(os.path.dirname(__file__), "data", "tiny.yaml")
 RECTIFLOW = os.path.join(os.path.dirname(sys.executable), "rectiflow")
+ONE_ROUND = ["rounds=1", "distill=[]", "train.steps=10", "train.checkpoint_every=5", "evaluate.samplers=[euler@1]",
+             "evaluate.samples=32", "evaluate.ot_samples=16", "evaluate.trajectories=2"]
+"""tiny.yaml cut to one short round (train-1, its evaluation on Ray Data, the report): every kind
+of stage that writes, quickly."""
+
+
+def set_arguments(overrides: list[str]) -> list[str]:
+    """``["a=1", "b=2"]`` → ``["--set", "a=1", "--set", "b=2"]``."""
+    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def rectiflow(*args: str, background: bool = False, env: dict[str, str] | None = None, timeout: float = 900,

@@ -3,6 +3,7 @@ import threading
 
 import pytest
 
+from workflows.stage import SUCCESS_FILE, write_manifest
 from workflows.storage import StorageError, location
 
 
@@ -83,6 +84,23 @@ def test_local_write_leaves_no_temporary_files(tmp_path):
     target.write_bytes(b"22")
     assert os.listdir(tmp_path / "a") == ["b.bin"]
     assert target.read_bytes() == b"22"
+
+
+def test_temporaries_of_killed_writers_are_swept_before_a_manifest(tmp_path):
+    """A writer killed between its temporary write and the rename leaves ``.NAME.tmp-HEX``; the
+    manifest write removes exactly those files (also in sub-folders) and nothing else."""
+    stage = location(str(tmp_path / "stage"))
+    stage.join("shard-000001.parquet").write_bytes(b"whole")
+    orphans = [stage.join(".shard-000003.parquet.tmp-" + "ab" * 16), stage.join("ray", ".x.json.tmp-" + "0f" * 16)]
+    kept = [stage.join(".shard-000004.parquet.tmp-short"), stage.join("notes.tmp-" + "ab" * 16)]
+    for path in orphans + kept:
+        os.makedirs(os.path.dirname(path.path), exist_ok=True)
+        with open(path.path, "wb") as handle:
+            handle.write(b"partial")
+    write_manifest(stage, {"kind": "test"})
+    assert not [path for path in orphans if path.exists()]
+    assert all(path.exists() for path in kept) and stage.join("shard-000001.parquet").read_bytes() == b"whole"
+    assert stage.join(SUCCESS_FILE).read_json() == {"kind": "test"}
 
 
 def test_read_json_names_the_file(tmp_path):

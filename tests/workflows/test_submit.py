@@ -1,5 +1,6 @@
 """Submission through the real Ray Jobs API: a `ray start --head` cluster on 127.0.0.1, the tiny
-pipeline submitted with `rectiflow submit`, then again with `ray job submit … -- rectiflow run`."""
+pipeline (cut to one round) submitted with `rectiflow submit`, then again with
+`ray job submit … -- rectiflow run`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import psutil
 import pytest
 
-from tests.workflows.pipeline_helpers import TINY, rectiflow
+from tests.workflows.pipeline_helpers import ONE_ROUND, TINY, rectiflow, set_arguments
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.path.dirname(sys.executable)
@@ -85,7 +86,7 @@ def test_submit_runs_the_pipeline_and_ray_job_submit_works_the_same(cluster, tmp
     storage = str(tmp_path / "runs")
     # no RAY_AUTH_MODE here: `rectiflow submit` finds the token (~/.ray/auth_token) by itself
     submitted = rectiflow("submit", os.path.relpath(TINY, REPO), "--address", address, "--storage", storage,
-                          "--working-dir", REPO, env={"PATH": env["PATH"]}, cwd=REPO)
+                          "--working-dir", REPO, *set_arguments(ONE_ROUND), env={"PATH": env["PATH"]}, cwd=REPO)
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-2000:]
     assert re.search(r"submitted job (raysubmit_\w+)", submitted.stdout)
     assert "job raysubmit_" in submitted.stdout and "SUCCEEDED" in submitted.stdout
@@ -94,7 +95,8 @@ def test_submit_runs_the_pipeline_and_ray_job_submit_works_the_same(cluster, tmp
 
     again = subprocess.run(
         [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", REPO,
-         "--", "rectiflow", "run", os.path.relpath(TINY, REPO), "--storage", storage],
+         "--", "rectiflow", "run", os.path.relpath(TINY, REPO), "--storage", storage,
+         *set_arguments(ONE_ROUND)],
         capture_output=True, text=True, env=env, timeout=900, cwd=REPO,
     )
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]

@@ -113,11 +113,11 @@ def test_reflow_learns_a_deterministic_coupling_almost_exactly(ray_session, tmp_
 def test_non_finite_data_stops_with_the_step_and_keeps_the_last_checkpoint(ray_session, tmp_path):
     root = location(str(tmp_path))
     x0 = noise(1, np.arange(4096), (2,))
-    write_coupling(root.join("pairs"), x0, x0 + 1.0, shard_size=512, nan_at=3000)
+    write_coupling(root.join("pairs"), x0, x0 + 1.0, shard_size=512, nan_at=1000)
     output = root.join("train-2")
     with pytest.raises(TrainingStopped, match=r"stopped at step \d+: the batch contains NaN") as error:
-        run_train_stage(config(steps=300, checkpoint_every=5, workers=1, batch_size=64), output, root.join("pairs"))
-    assert "non-finite pairs: 3000" in str(error.value) and "last good checkpoint is kept" in str(error.value)
+        run_train_stage(config(steps=80, checkpoint_every=20, workers=1, batch_size=64), output, root.join("pairs"))
+    assert "non-finite pairs: 1000" in str(error.value) and "last good checkpoint is kept" in str(error.value)
     assert not output.join(SUCCESS_FILE).exists()
     step = int(str(error.value).split("stopped at step ")[1].split(":")[0])
     kept = sorted(checkpoints(output))
