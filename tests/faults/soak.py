@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 
+from tests.faults.run_processes import RunProcesses  # noqa: E402
 from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow, set_arguments  # noqa: E402
 from workflows.config import load_pipeline  # noqa: E402
 from workflows.plan import build_plan  # noqa: E402
@@ -49,10 +50,6 @@ SMALL = ["distill=[]", "train.steps=40", "train.checkpoint_every=10", "couple.pa
 VOLATILE = {"time", "code", "resumed_at_steps", "shards_reused", "shards_written", "bytes_written", "inputs", "files",
             "finished_at", "started_at", "uri", "host", "pid"}
 """Manifest keys that may differ between an interrupted and a clean run (times, provenance, paths)."""
-
-
-SYSTEM = ("ray::RuntimeEnvAgent", "ray::DashboardAgent", "ray::IDLE")
-"""Ray's own agents and idle pool workers: not the workers of a stage (see :meth:`Run.workers`)."""
 
 
 def log(message: str) -> None:
@@ -93,30 +90,7 @@ class Run:
         self.started = time.monotonic()
         self.process = rectiflow("run", TINY, "--storage", storage, *set_arguments(sets), background=True,
                                  env={"RAY_TMPDIR": self.ray_tmp})
-
-    def processes(self) -> list[psutil.Process]:
-        found = []
-        for process in psutil.process_iter(["cmdline"]):
-            try:
-                if process.status() == psutil.STATUS_ZOMBIE:
-                    continue
-                if os.getpgid(process.pid) == self.process.pid or self.ray_tmp in " ".join(process.info["cmdline"] or []):
-                    found.append(process)
-            except (psutil.Error, ProcessLookupError):
-                pass
-        return found
-
-    def workers(self) -> list[psutil.Process]:
-        """Ray worker processes of this run that run a task or actor (titles ``ray::Class.method``)."""
-        found = []
-        for process in self.processes():
-            try:
-                title = " ".join(process.cmdline())
-                if process.pid != self.process.pid and title.startswith("ray::") and not title.startswith(SYSTEM):
-                    found.append(process)
-            except psutil.Error:
-                pass
-        return found
+        self.tracked = RunProcesses(self.process.pid, self.ray_tmp)
 
     def kill(self) -> None:
         try:
@@ -126,19 +100,7 @@ class Run:
         self.process.wait(timeout=60)
 
     def leaked(self, timeout: float = 30) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            alive = self.processes()
-            if not alive or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        names = []
-        for process in alive:
-            try:
-                names.append(f"{process.pid}:{process.name()}")
-            except psutil.Error:
-                pass
-        return names
+        return self.tracked.leaked(timeout)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
@@ -178,8 +140,9 @@ def main() -> int:
             at = rng.uniform(options.min_delay, options.max_delay)
             worker_at = rng.uniform(options.min_delay, at) if rng.random() < options.worker_kill_rate else None
             while run.process.poll() is None and time.monotonic() - run.started < at:
+                run.tracked.descendants()  # remembered, for the leak check after the kill
                 if worker_at is not None and time.monotonic() - run.started >= worker_at:
-                    workers = run.workers()
+                    workers = run.tracked.workers()
                     if workers:
                         victim = rng.choice(workers)
                         try:
@@ -189,7 +152,7 @@ def main() -> int:
                             log(f"run {len(runs) - 1}: killed Ray worker {victim.pid} ({title}) at {worker_at:.0f} s")
                         except psutil.Error:
                             pass
-                    worker_at = None
+                        worker_at = None  # else: no worker yet, look again
                 time.sleep(0.2)
             if run.process.poll() is not None:
                 log(f"run {len(runs) - 1} ended by itself (rc {run.process.returncode}) before its kill at {at:.0f} s")

@@ -36,6 +36,7 @@ import psutil
 import s3fs
 
 from tests.faults.conftest import bucket_keys
+from tests.faults.run_processes import RunProcesses
 from tests.faults.s3_proxy import FaultyProxy
 from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow, set_arguments, stage_times
 from workflows.config import load_pipeline
@@ -51,34 +52,6 @@ SMALL = ["distill=[]", "train.steps=40", "train.checkpoint_every=10", "couple.pa
 """tiny.yaml without distillation (so: train-1, couple-1, train-2, two evaluations, the report), 40 steps,
 8 shards of 32 pairs, one sampler."""
 SETS = set_arguments(SMALL)
-RAY_DAEMONS = ("raylet", "gcs_server")
-
-
-def run_processes(pgid: int, ray_tmp: str) -> list[int]:
-    """Live processes of one run: its process group, and any Ray process whose command line
-    names the run's own RAY_TMPDIR (in case one escaped the group)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if process.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if os.getpgid(process.pid) == pgid or ray_tmp in " ".join(process.info["cmdline"] or []):
-                found.append(process.pid)
-        except (psutil.Error, ProcessLookupError):
-            pass
-    return found
-
-
-def assert_no_leaked_processes(pgid: int, ray_tmp: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        leaked = run_processes(pgid, ray_tmp)
-        if not leaked:
-            return
-        if time.monotonic() > deadline:
-            names = {pid: psutil.Process(pid).name() for pid in leaked if psutil.pid_exists(pid)}
-            raise AssertionError(f"processes of the killed run are still alive: {names}")
-        time.sleep(0.3)
 
 
 class Storage:
@@ -113,13 +86,15 @@ def fingerprints(plan, names) -> dict[str, str]:
     return stage_times(plan, list(names)) if names else {}
 
 
-def kill_when(driver: subprocess.Popen, condition, what: str, timeout: float = 240) -> None:
+def kill_when(driver: subprocess.Popen, tracked: RunProcesses, condition, what: str, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     try:
         while not condition():
             assert driver.poll() is None, f"the run ended (rc {driver.returncode}) before {what}"
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            tracked.descendants()
             time.sleep(0.1)
+        tracked.descendants()
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
@@ -155,9 +130,11 @@ def test_a_driver_killed_at_four_points_resumes_to_the_clean_result(s3_endpoint,
                 driver = rectiflow("run", TINY, "--storage", storage_uri, *SETS, background=True,
                                    env={"AWS_ENDPOINT_URL": proxy.url, "RAY_TMPDIR": folder})
                 started = time.monotonic()
+                tracked = RunProcesses(driver.pid, folder)
                 try:
-                    kill_when(driver, condition, point)
-                    assert_no_leaked_processes(driver.pid, folder)
+                    kill_when(driver, tracked, condition, point)
+                    leaked = tracked.leaked()
+                    assert not leaked, f"{point}: processes of the killed run are still alive: {leaked}"
                 finally:
                     proxy.release()  # only now: no worker of the killed run is left to retry the request
                 assert not storage.exists(stage, SUCCESS_FILE), f"{point}: {stage} finished before the kill"
