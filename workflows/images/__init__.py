@@ -8,7 +8,7 @@
 The format is described in :mod:`workflows.images.format`.
 """
 
-from workflows.images.dataset import ImageDataset, flip, flip_mask, scale, to_unit_interval
+from workflows.images.dataset import ImageDataset, flip, flip_mask, to_unit_interval
 from workflows.images.format import CorruptImageError, ImageFormatError, ImageImportError
 from workflows.images.importer import import_images
 
@@ -20,6 +20,5 @@ __all__ = [
     "flip",
     "flip_mask",
     "import_images",
-    "scale",
     "to_unit_interval",
 ]

@@ -13,9 +13,7 @@ with Pillow; nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -27,7 +25,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from workflows.images.format import SCHEMA, ImageFormatError, Manifest, ShardInfo, shard_name
-from workflows.shards import shard_count, shard_range
+from workflows.shards import sha256, shard_count, shard_range
 from workflows.stage import SUCCESS_FILE
 from workflows.storage import Location, location
 
@@ -47,16 +45,14 @@ class ImageDataset:
         root = location(uri)
         marker = root.join(SUCCESS_FILE)
         try:
-            data = marker.read_bytes()
+            raw = marker.read_json()
         except FileNotFoundError:
             raise ImageFormatError(
                 f"{marker.uri} does not exist: {root.uri} is not a finished image import "
                 "(run `rectiflow data import` to completion first)"
             ) from None
-        try:
-            raw = json.loads(data)
-        except ValueError as error:
-            raise ImageFormatError(f"{marker.uri} is not valid JSON: {error}") from None
+        except ValueError as error:  # read_json's message names the file
+            raise ImageFormatError(str(error)) from None
         if not isinstance(raw, dict) or raw.get("kind") != "image-dataset":
             kind = raw.get("kind") if isinstance(raw, dict) else type(raw).__name__
             raise ImageFormatError(f"{marker.uri} is not an image-dataset manifest (kind {kind!r})")
@@ -108,7 +104,7 @@ class ImageDataset:
             data = target.read_bytes()
         except FileNotFoundError:
             raise ImageFormatError(f"shard {target.uri} listed in the manifest is missing") from None
-        if len(data) != entry.bytes or _sha256(data) != entry.sha256:
+        if len(data) != entry.bytes or sha256(data) != entry.sha256:
             raise ImageFormatError(
                 f"shard {target.uri} does not match the manifest ({len(data)} bytes, expected {entry.bytes}; "
                 "sha256 mismatch): it was changed or truncated after the import finished; "
@@ -195,10 +191,6 @@ class ImageDataset:
         return images
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _indices(table: pa.Table, entry: ShardInfo, target: str) -> np.ndarray:
     index = table.column("index").to_numpy().astype(np.int64)
     if index.size and (index[0] < entry.start or index[-1] >= entry.stop or np.any(np.diff(index) <= 0)):
@@ -240,9 +232,6 @@ def to_unit_interval(images: Any) -> Any:
     if hasattr(images, "numpy") and hasattr(images, "float"):  # a torch tensor
         return images.float() / 127.5 - 1.0
     return (np.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
-
-
-scale = to_unit_interval
 
 
 def flip(images: Any, mask: Sequence[bool] | np.ndarray) -> Any:

@@ -23,7 +23,6 @@ encoded by this run: shards kept from an earlier run keep what they skipped.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import sys
@@ -48,16 +47,12 @@ from workflows.images.format import (
     shard_name,
 )
 from workflows.images.sources import CorruptImage, Source, list_source, read_images
-from workflows.shards import parquet_bytes, shard_count, shard_range
+from workflows.shards import parquet_bytes, sha256, shard_count, shard_range
 from workflows.stage import SUCCESS_FILE, code_version, content_hash, finished_manifest, utc_now, write_manifest
 from workflows.storage import Location, location
 
 PNG_COMPRESS_LEVEL = 6
 Progress = Callable[[str], None]
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _stderr(line: str) -> None:

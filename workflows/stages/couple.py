@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from rf.coupling import Pairs, generate_pairs
 from rf.solvers import Solver
-from workflows.distributions import DistributionSpec, distribution_identity, sample_by_id
+from workflows.distributions import DistributionSpec, sample_by_id
 from workflows.shards import (
     CouplingFormat,
     ShardEntry,
@@ -142,7 +142,7 @@ class CouplingConfig(CouplingSettings):
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the output's bytes (together with the teacher's hash)."""
-        return {**self.model_dump(mode="json", include=set(_IDENTITY_FIELDS)), "pi0": distribution_identity(self.pi0)}
+        return {**self.model_dump(mode="json", include=set(_IDENTITY_FIELDS)), "pi0": self.pi0.identity()}
 
 
 def coupling_hash(config: CouplingConfig, teacher_hash: str) -> str:

@@ -39,7 +39,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +54,6 @@ from rf.metrics import (
     crossing_rate,
     extract_features,
     fid,
-    inception_hash,
     inception_score,
     kid,
     load_inception,
@@ -67,7 +66,7 @@ from rf.metrics import (
 from rf.metrics.distribution import frechet_distance_of_features, precision_recall
 from rf.paths import make_path
 from rf.solvers import Solver
-from workflows.distributions import DistributionSpec, distribution_identity, sample_by_id
+from workflows.distributions import DistributionSpec, sample_by_id
 from workflows.stage import (
     StageClock,
     code_version,
@@ -181,8 +180,8 @@ class EvalConfig(EvalSettings):
         """Everything that decides the numbers (not the workers or their resources)."""
         return {
             **self.model_dump(mode="json", exclude={"workers", "cpus_per_worker", "gpus_per_worker"}),
-            "pi0": distribution_identity(self.pi0),
-            "pi1": distribution_identity(self.pi1),
+            "pi0": self.pi0.identity(),
+            "pi1": self.pi1.identity(),
         }
 
     @property
@@ -247,21 +246,33 @@ class FeatureQuality:
     classifier: torch.nn.Module | None = None
     inception: torch.nn.Module | None = None
 
-    def __call__(self, samples: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-        values: dict[str, float] = {}
+    def against(self, reference: torch.Tensor) -> Callable[[torch.Tensor], dict[str, float]]:
+        """A scorer of samples against ``reference``, whose features are computed here, once
+        (not again for every sampler)."""
+        b = fb = None
         if self.classifier is not None:
             with torch.inference_mode():
-                a, b = self.classifier.features(samples), self.classifier.features(reference)
-            values["fd_classifier"] = frechet_distance_of_features(a, b)
-            values["precision"], values["recall"] = precision_recall(b, a)
+                b = self.classifier.features(reference)
         if self.inception is not None:
-            (fa, logits), (fb, _) = extract_features(self.inception, samples), extract_features(self.inception, reference)
-            values["fid"] = fid(fa, fb)
-            values["inception_score"] = inception_score(logits)[0]
-            values["kid"] = kid(fa, fb, subsets=10, subset_size=min(1000, len(fa)))[0]
-            if self.classifier is None:
-                values["precision"], values["recall"] = precision_recall(fb, fa)
-        return values
+            fb, _ = extract_features(self.inception, reference)
+
+        def score(samples: torch.Tensor) -> dict[str, float]:
+            values: dict[str, float] = {}
+            if self.classifier is not None:
+                with torch.inference_mode():
+                    a = self.classifier.features(samples)
+                values["fd_classifier"] = frechet_distance_of_features(a, b)
+                values["precision"], values["recall"] = precision_recall(b, a)
+            if self.inception is not None:
+                fa, logits = extract_features(self.inception, samples)
+                values["fid"] = fid(fa, fb)
+                values["inception_score"] = inception_score(logits)[0]
+                values["kid"] = kid(fa, fb, subsets=10, subset_size=min(1000, len(fa)))[0]
+                if self.classifier is None:
+                    values["precision"], values["recall"] = precision_recall(fb, fa)
+            return values
+
+        return score
 
 
 QUALITY_COLUMNS = ("w2", "mmd2", "fd_classifier", "precision", "recall", "fid", "inception_score", "kid")
@@ -466,14 +477,14 @@ def _metric_row(
     reference: torch.Tensor,
     fine: torch.Tensor,
     results: dict[str, dict[str, Any]],
-    features: FeatureQuality,
+    features: Callable[[torch.Tensor], dict[str, float]],
 ) -> dict[str, Any]:
     """The ``metrics.parquet`` row of one sampler; ``fine`` is the reference solve of the same Z0
     (the model's own, or its teacher's for a distilled model)."""
     result = results[sampler]
     x1 = result["x1"].reshape(x0.shape)
     sub = config.ot_samples
-    quality = {**vector_quality(x1[:sub], reference[:sub]), **features(x1, reference)}
+    quality = {**vector_quality(x1[:sub], reference[:sub]), **features(x1)}
     distance = torch.linalg.vector_norm((x1.double() - fine.double()).flatten(1), dim=1).mean()
     return {
         "model": subject.name,
@@ -601,11 +612,12 @@ def _feature_quality(config: EvalConfig, classifier: Location | None) -> tuple[F
         with tempfile.TemporaryDirectory() as folder:
             local = Path(folder) / (Path(weights.path).name or "inception.safetensors")
             try:
-                local.write_bytes(weights.read_bytes())
+                data = weights.read_bytes()
             except FileNotFoundError:
                 raise EvalError(f"evaluate.inception: {weights.uri} does not exist") from None
+            local.write_bytes(data)
             inception = load_inception(str(local))
-            provenance["inception"] = {"uri": weights.uri, "sha256": inception_hash(str(local))}
+            provenance["inception"] = {"uri": weights.uri, "sha256": hashlib.sha256(data).hexdigest()}
     return FeatureQuality(net, inception), provenance
 
 
@@ -666,8 +678,9 @@ def run_eval_stage(
     x0 = sample_by_id(config.pi0, config.seed, ids)
     reference = sample_by_id(config.pi1, config.seed + 1, ids)
     fine = references[config.reference_solver]["x1"].reshape(x0.shape)
+    score = features.against(reference)
     rows = [
-        _metric_row(config, subject, model_hash, name, x0, reference, fine, results, features) for name in samplers
+        _metric_row(config, subject, model_hash, name, x0, reference, fine, results, score) for name in samplers
     ]
     files = {
         METRICS_FILE: table_bytes(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)),

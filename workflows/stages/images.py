@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rf.models.digit_classifier import classifier_from_bytes, classifier_to_bytes, train_classifier
 from workflows.distributions import ImagesSpec
-from workflows.images import ImageDataset, import_images
+from workflows.images import ImageDataset, import_images, to_unit_interval
 from workflows.images.builtin import materialized
 from workflows.stage import StageClock, code_version, finished_manifest, stage_hash, write_manifest
 from workflows.storage import Location
@@ -69,7 +69,7 @@ def classifier_stage_hash(settings: ClassifierSettings, data: ImagesSpec) -> str
 def _labelled_images(data: ImagesSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of π1's dataset (all classes) in [−1, 1], with its label."""
     dataset = ImageDataset.open(data.uri)
-    images = torch.from_numpy(dataset.take(range(dataset.count))).float() / 127.5 - 1.0
+    images = to_unit_interval(torch.from_numpy(dataset.take(range(dataset.count))))
     return images, torch.from_numpy(dataset.labels())
 
 

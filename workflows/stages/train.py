@@ -43,7 +43,6 @@ from rf.noise import uniform
 from rf.paths import make_path
 from rf.timesteps import make_time_sampler
 from rf.training import NonFiniteLossError, VelocityTrainer
-from workflows.distributions import distribution_identity
 from workflows.pair_stream import CouplingSource, IndependentSource, OnlineSource, StreamPlan, rank_datasets
 from workflows.shards import Coupling
 from workflows.stage import (
@@ -401,8 +400,8 @@ def _source(data: Data, config: TrainConfig) -> IndependentSource | OnlineSource
 def independent_identity(source: IndependentSource) -> dict[str, Any]:
     """What independent pairs are, for hashes and manifests."""
     return {
-        "pi0": distribution_identity(source.pi0),
-        "pi1": distribution_identity(source.pi1),
+        "pi0": source.pi0.identity(),
+        "pi1": source.pi1.identity(),
         "seed0": source.seed0,
         "seed1": source.seed1,
     }
@@ -411,7 +410,7 @@ def independent_identity(source: IndependentSource) -> dict[str, Any]:
 def online_identity(source: OnlineSource, teacher_hash: str) -> dict[str, Any]:
     """What online reflow pairs are, for hashes and manifests."""
     return {
-        "pi0": distribution_identity(source.pi0),
+        "pi0": source.pi0.identity(),
         "seed": source.seed,
         "solver": source.solver,
         "forward_batch": source.forward_batch,
