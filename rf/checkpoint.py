@@ -8,8 +8,9 @@ that hold files elsewhere (object storage) use the same format without a local c
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -41,9 +42,7 @@ def tensors_from_bytes(data: bytes, source: str = "<bytes>") -> dict[str, torch.
     try:
         return _safetensors_load(data)
     except (SafetensorError, ValueError, RuntimeError) as error:
-        raise CheckpointError(
-            f"{source} is not a valid safetensors file and will not be unpickled: {error}"
-        ) from None
+        raise CheckpointError(f"{source} is not a valid safetensors file and will not be unpickled: {error}") from None
 
 
 def model_to_files(model: nn.Module) -> dict[str, bytes]:
@@ -134,7 +133,7 @@ def _optimizer_from_bytes(data: bytes, source: str) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def trainer_to_files(trainer: "VelocityTrainer") -> dict[str, bytes]:
+def trainer_to_files(trainer: VelocityTrainer) -> dict[str, bytes]:
     """Everything needed to resume a :class:`rf.training.VelocityTrainer` bit-for-bit: model
     (weights + spec), EMA weights, optimizer state and the step count."""
     files = model_to_files(trainer.model)
@@ -144,7 +143,7 @@ def trainer_to_files(trainer: "VelocityTrainer") -> dict[str, bytes]:
     return files
 
 
-def restore_trainer(trainer: "VelocityTrainer", files: Mapping[str, bytes], source: str) -> None:
+def restore_trainer(trainer: VelocityTrainer, files: Mapping[str, bytes], source: str) -> None:
     """Load :func:`trainer_to_files` output into ``trainer`` (whose model has the same spec)."""
     missing = [name for name in (WEIGHTS_FILE, EMA_FILE, OPTIMIZER_FILE, TRAINER_FILE) if name not in files]
     if missing:

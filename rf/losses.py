@@ -24,20 +24,17 @@ The objective, TorchCFM-style, is one call::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from rf.options.losses import DEFAULT_LPIPS_RESIZE, check_loss
 from rf.paths import ProbabilityPath
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-LOSSES = ("l2", "pseudo_huber", "lpips", "lpips_huber")
-LPIPS_LOSSES = ("lpips", "lpips_huber")
-_OPTIONS = {"l2": (), "pseudo_huber": ("c",), "lpips": ("resize",), "lpips_huber": ("c", "resize")}
-DEFAULT_LPIPS_RESIZE = 224
 
 
 class VelocityField(Protocol):
@@ -49,8 +46,15 @@ def l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).flatten(1).mean(dim=1)
 
 
+def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
+    """Per-sample √(‖pred − target‖² + c²) − c (the one place this formula is written)."""
+    if c <= 0:
+        raise ValueError(f"pseudo-Huber c must be positive, got {c}")
+    return torch.sqrt((pred - target).flatten(1).pow(2).sum(dim=1) + c * c) - c
+
+
 class PseudoHuber:
-    """Per-sample √(‖pred − target‖² + c²) − c; ``c=None`` picks 0.00054·√d."""
+    """Per-sample :func:`pseudo_huber`; ``c=None`` picks 0.00054·√d (Song & Dhariwal 2023)."""
 
     def __init__(self, c: float | None = None):
         if c is not None and c <= 0:
@@ -58,9 +62,8 @@ class PseudoHuber:
         self.c = c
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        diff = (pred - target).flatten(1)
-        c = self.c if self.c is not None else 0.00054 * math.sqrt(diff.shape[1])
-        return torch.sqrt(diff.pow(2).sum(dim=1) + c * c) - c
+        c = self.c if self.c is not None else 0.00054 * math.sqrt(pred[0].numel())
+        return pseudo_huber(pred, target, c)
 
 
 class TrajectoryLoss(nn.Module):
@@ -103,37 +106,6 @@ class _Trajectory(TrajectoryLoss):
 
     def forward(self, v_pred: torch.Tensor, v_target: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.loss(v_pred, v_target, x_t, t)
-
-
-def canonical_loss_name(name: str) -> str:
-    """``name`` with dashes read as underscores (``lpips-huber`` → ``lpips_huber``)."""
-    return name.replace("-", "_")
-
-
-def check_loss(name: str, options: dict[str, float], weights: object = None) -> str:
-    """The canonical name when ``name`` with ``options`` (and ``weights``) makes a loss, else
-    ValueError; reads no file (the LPIPS weights are only required to be given)."""
-    canonical = canonical_loss_name(name)
-    if canonical not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-    unknown = sorted(set(options) - set(_OPTIONS[canonical]))
-    if unknown:
-        allowed = ", ".join(_OPTIONS[canonical]) or "none"
-        raise ValueError(f"the {canonical} loss takes no option {', '.join(unknown)} (options: {allowed})")
-    if "c" in options and options["c"] <= 0:
-        raise ValueError(f"pseudo-Huber c must be positive, got {options['c']}")
-    if "resize" in options and (options["resize"] < 0 or options["resize"] != int(options["resize"])):
-        raise ValueError(f"resize must be a whole number of pixels >= 16 (or 0 for none), got {options['resize']}")
-    if "resize" in options and 0 < options["resize"] < 16:
-        raise ValueError(f"resize must be at least 16 pixels (LPIPS's five VGG stages), got {options['resize']}")
-    if canonical in LPIPS_LOSSES and weights is None:
-        raise ValueError(
-            f"the {canonical} loss needs weights: the URI of the LPIPS (VGG16) network's safetensors file "
-            "(nothing is downloaded)"
-        )
-    if canonical not in LPIPS_LOSSES and weights is not None:
-        raise ValueError(f"the {canonical} loss takes no weights (only lpips and lpips_huber do)")
-    return canonical
 
 
 def make_loss(name: str, weights: str | Path | None = None, **options: float) -> Loss:

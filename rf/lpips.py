@@ -27,6 +27,9 @@ Losses (per sample, shape (B,)):
       x̂ = X_t + (1 − t)·v̂,   x = X_t + (1 − t)·v  (= X1 on the straight path)
       loss = t · H(v̂, v) + LPIPS(x̂, x),   H(a, b) = (√(‖a − b‖² + c²) − c) / d,  c = 0.00054·d
 
+  (rfpp's scaling: c grows with d and the pseudo-Huber value of :func:`rf.losses.pseudo_huber` is
+  divided by d, unlike :class:`rf.losses.PseudoHuber`'s c = 0.00054·√d of Song & Dhariwal).
+
   rfpp writes the Huber weight as (1 − t) with data at its t = 0; it is the same weight.
 """
 
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rf.losses import pseudo_huber
 from rf.metrics.inception import load_checked, read_state_dict
 
 SHIFT = (-0.030, -0.088, -0.188)
@@ -120,7 +124,9 @@ def load_lpips(weights_path: str | Path, resize: int | None = None) -> LPIPS:
     (FileNotFoundError / ValueError naming the path when missing or not fitting; negative linear
     weights are refused since they would break LPIPS ≥ 0)."""
     model = LPIPS(resize=resize)
-    load_checked(model, read_state_dict(weights_path), str(weights_path), ignore_prefixes=("classifier.", "shift", "scale"))
+    load_checked(
+        model, read_state_dict(weights_path), str(weights_path), ignore_prefixes=("classifier.", "shift", "scale")
+    )
     negative = [f"lin{i}" for i in range(len(CHANNELS)) if (getattr(model, f"lin{i}").model[1].weight < 0).any()]
     if negative:
         raise ValueError(f"LPIPS weights in {weights_path} have negative linear weights in {', '.join(negative)}")
@@ -152,7 +158,7 @@ class LPIPSHuberLoss(nn.Module):
     def forward(self, v_pred: torch.Tensor, v_target: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         d = v_pred[0].numel()
         c = self.c if self.c is not None else 0.00054 * d
-        huber = (torch.sqrt((v_pred - v_target).flatten(1).pow(2).sum(1) + c * c) - c) / d
+        huber = pseudo_huber(v_pred, v_target, c) / d
         remaining = (1.0 - t).reshape(-1, *([1] * (x_t.dim() - 1))).to(x_t.dtype)
         perceptual = self.lpips(x_t + remaining * v_pred, x_t + remaining * v_target)
         return t.reshape(-1).to(huber.dtype) * huber + perceptual

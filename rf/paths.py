@@ -9,6 +9,8 @@ with t = 0 at π0 (noise) and t = 1 at π1 (data): α_0 = 0, β_0 = 1, α_1 = 1,
 - :class:`StraightPath` — rectified flow: α_t = t, β_t = 1 − t, velocity X1 − X0.
 - :class:`VPPath` — the VP ODE baseline: α_t = exp(−¼a(1−t)² − ½b(1−t)), β_t = √(1 − α_t²).
 - :class:`SubVPPath` — the sub-VP ODE baseline: same α_t, β_t = 1 − α_t².
+- :class:`VPConstPath` — the "VP ODE with constant speed" of the paper's straight-paths figure:
+  α_t = t, β_t = √(1 − t²), still α² + β² = 1 but α moving at constant speed.
 
 With a = 19.9 and b = 0.1, α_0 = exp(−5.025) ≈ 0.0066 rather than 0, as in the paper.
 """
@@ -48,9 +50,7 @@ class ProbabilityPath(ABC):
     def coefficients(self, t: torch.Tensor) -> Coefficients:
         """(α_t, β_t, α̇_t, β̇_t) at times ``t``."""
 
-    def sample(
-        self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(X_t, dX_t/dt)`` for a batch of pairs at per-sample times ``t`` of shape (B,)."""
         a, b, da, db = (_per_sample(c, x0) for c in self.coefficients(t))
         return a * x1 + b * x0, da * x1 + db * x0
@@ -113,12 +113,29 @@ class SubVPPath(_VPFamily):
         return Coefficients(alpha, 1 - alpha**2, dalpha, -2 * alpha * dalpha)
 
 
-PATHS: dict[str, type[ProbabilityPath]] = {
-    cls.name: cls for cls in (StraightPath, VPPath, SubVPPath)
-}
+class VPConstPath(ProbabilityPath):
+    """VP ODE with constant speed: α_t = t, β_t = √(1 − t²), so α̇_t = 1, β̇_t = −t / √(1 − t²).
+
+    Variance preserving (α² + β² = 1) like :class:`VPPath`, with exact ends α_0 = 0, α_1 = 1.
+    β̇_t ≈ −1/√(2(1 − t)) diverges as t → 1 (integrably: β itself is continuous), so training
+    times stop at ``t_max`` = 1 − ε, ε = 10⁻³, the cut-off of :class:`VPPath`, and the paper's
+    path comparison trains every path on the same interval. There β = √(2ε − ε²) ≈ 0.045 and
+    β̇ ≈ −22.3: the target α̇X1 + β̇X0 weighs the noise at most ≈ 22×, and over the unseen
+    (t_max, 1] X_t still moves by εX1 − β_{t_max}X0, about 4.5 % of the noise. A smaller ε grows
+    the target like ε^(−½) (ε = 10⁻⁴: |β̇| ≈ 71) while shrinking that remainder only like ε^½.
+    """
+
+    name = "vp_const"
+    t_max = 1.0 - 1e-3
+
+    def coefficients(self, t: torch.Tensor) -> Coefficients:
+        beta = torch.sqrt(torch.clamp(1 - t**2, min=0.0))
+        return Coefficients(t, beta, torch.ones_like(t), -t / beta)
+
+
+PATHS: dict[str, type[ProbabilityPath]] = {cls.name: cls for cls in (StraightPath, VPPath, SubVPPath, VPConstPath)}
 
 
 def make_path(name: str) -> ProbabilityPath:
-    """The path called ``name`` (``straight``, ``vp`` or ``subvp``)."""
+    """The path called ``name`` (``straight``, ``vp``, ``subvp`` or ``vp_const``)."""
     return construct(PATHS, name, "path")
-

@@ -1,6 +1,8 @@
 """Metrics of couplings (transport) and of sample quality (distribution, images)."""
 
 from rf.metrics.distribution import (
+    DISTANCE_BLOCK_BYTES,
+    GaussianMoments,
     frechet_distance,
     frechet_distance_of_features,
     gaussian_statistics,
@@ -9,6 +11,13 @@ from rf.metrics.distribution import (
 )
 from rf.metrics.images import extract_features, fid, inception_score, kid
 from rf.metrics.inception import InceptionV3, inception_hash, load_inception
+from rf.metrics.quality import (
+    classifier_quality,
+    coupling_metrics,
+    inception_quality,
+    subset_coupling_metrics,
+    vector_quality,
+)
 from rf.metrics.transport import (
     crossing_rate,
     exact_ot_cost,
@@ -20,7 +29,14 @@ from rf.metrics.transport import (
 )
 
 __all__ = [
+    "DISTANCE_BLOCK_BYTES",
+    "GaussianMoments",
     "InceptionV3",
+    "classifier_quality",
+    "coupling_metrics",
+    "inception_quality",
+    "subset_coupling_metrics",
+    "vector_quality",
     "crossing_rate",
     "exact_ot_cost",
     "extract_features",

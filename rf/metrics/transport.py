@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import ot
 import torch
@@ -79,30 +81,58 @@ def wasserstein2(x: torch.Tensor, y: torch.Tensor) -> float:
     return exact_ot_cost(x, y, power=2.0) ** 0.5
 
 
-def crossing_rate(x0: torch.Tensor, x1: torch.Tensor, chunk: int = 512) -> float:
-    """Fraction of unordered pairs of 2D segments [x0_i, x1_i] that properly intersect.
+class Crossings(NamedTuple):
+    """The crossing pairs i < j of segments [p_k, q_k] of n, and where on each they meet: the
+    point is p_i + s (q_i − p_i) = p_j + u (q_j − p_j)."""
+
+    i: np.ndarray
+    j: np.ndarray
+    s: np.ndarray
+    u: np.ndarray
+    n: int
+
+    def rate(self) -> float:
+        """The fraction of the n(n − 1)/2 unordered pairs that cross."""
+        return len(self.i) / (self.n * (self.n - 1) / 2)
+
+    def per_segment(self) -> np.ndarray:
+        """c_k: how many other segments segment k crosses."""
+        return np.bincount(np.concatenate([self.i, self.j]), minlength=self.n)
+
+
+def crossings(x0: torch.Tensor, x1: torch.Tensor, chunk: int = 512) -> Crossings:
+    """Every pair of 2D segments [x0_i, x1_i] that properly intersect.
 
     Segments i and j cross when the endpoints of each lie strictly on opposite sides of the
     other: orient(p_i, q_i, p_j)·orient(p_i, q_i, q_j) < 0 and vice versa, with
-    orient(a, b, c) = (b − a) × (c − a).
+    orient(a, b, c) = (b − a) × (c − a). The distances of p_i and q_i to the line of segment j are
+    in the ratio orient(p_j, q_j, p_i) : orient(p_j, q_j, q_i), so s = o_i / (o_i − o_i′), and
+    likewise u.
     """
     p, q = _as_numpy(x0), _as_numpy(x1)
     if p.shape[1] != 2:
-        raise ValueError(f"crossing rate is defined for 2D pairs, got dimension {p.shape[1]}")
+        raise ValueError(f"crossings are defined for 2D pairs, got dimension {p.shape[1]}")
     n = len(p)
     if n < 2:
-        raise ValueError("crossing rate needs at least two pairs")
+        raise ValueError("crossings need at least two pairs")
 
     def orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
         return (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
 
-    crossings = 0
+    found: list[tuple[np.ndarray, ...]] = []
     for start in range(0, n, chunk):
-        pi, qi = p[start : start + chunk, None, :], q[start : start + chunk, None, :]
-        pj, qj = p[None, :, :], q[None, :, :]
-        separated_j = orient(pi, qi, pj) * orient(pi, qi, qj) < 0
-        separated_i = orient(pj, qj, pi) * orient(pj, qj, qi) < 0
-        cross = separated_i & separated_j
-        rows = np.arange(start, start + cross.shape[0])[:, None]
-        crossings += int(np.count_nonzero(cross & (np.arange(n)[None, :] > rows)))
-    return crossings / (n * (n - 1) / 2)
+        pi, qi = p[start : start + chunk, None], q[start : start + chunk, None]
+        pj, qj = p[None], q[None]
+        o_pj, o_qj = orient(pi, qi, pj), orient(pi, qi, qj)  # j's ends against segment i
+        o_pi, o_qi = orient(pj, qj, pi), orient(pj, qj, qi)  # i's ends against segment j
+        rows = np.arange(start, start + len(pi))[:, None]
+        a, b = np.nonzero((o_pj * o_qj < 0) & (o_pi * o_qi < 0) & (np.arange(n)[None] > rows))
+        found.append((a + start, b, o_pi[a, b] / (o_pi[a, b] - o_qi[a, b]), o_pj[a, b] / (o_pj[a, b] - o_qj[a, b])))
+    i, j, s, u = (np.concatenate(column) for column in zip(*found))
+    return Crossings(i, j, s, u, n)
+
+
+def crossing_rate(x0: torch.Tensor, x1: torch.Tensor, chunk: int = 512) -> float:
+    """Fraction of unordered pairs of 2D segments [x0_i, x1_i] that properly intersect
+    (:func:`crossings`)."""
+    return crossings(x0, x1, chunk).rate()

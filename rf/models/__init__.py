@@ -30,11 +30,8 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
 
 def input_shape(model: nn.Module) -> list[int]:
     """The shape of one example ``model`` takes: [dim] for an MLP, [C, H, W] for a UNet."""
-    if isinstance(model, MLPVelocity):
-        return [model.dim]
-    if isinstance(model, UNet):
-        config = model.config()
-        return [config["in_channels"], config["resolution"], config["resolution"]]
+    if isinstance(model, (MLPVelocity, UNet)):
+        return model.options.input_shape
     raise TypeError(f"{type(model).__name__} is not a registered velocity model")
 
 

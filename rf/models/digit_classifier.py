@@ -32,8 +32,12 @@ class DigitClassifier(nn.Module):
         self.fc2 = nn.Linear(feature_dim, num_classes)
 
     def config(self) -> dict[str, int]:
-        return {"in_channels": self.in_channels, "num_classes": self.num_classes, "width": self.width,
-                "feature_dim": self.feature_dim}
+        return {
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "width": self.width,
+            "feature_dim": self.feature_dim,
+        }
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The (N, feature_dim) penultimate activations."""
@@ -42,8 +46,12 @@ class DigitClassifier(nn.Module):
         h = F.adaptive_avg_pool2d(h, 4).flatten(1)
         return F.relu(self.fc1(h))
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """The class logits of penultimate ``features``."""
+        return self.fc2(features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.features(x))
+        return self.classify(self.features(x))
 
 
 def train_classifier(

@@ -22,10 +22,19 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for average, current in zip(self.model.parameters(), model.parameters()):
-            average.lerp_(current.detach(), 1.0 - self.decay)
-        for average, current in zip(self.model.buffers(), model.buffers()):
-            average.copy_(current)
+        """θ_ema ← lerp(θ_ema, θ, 1 − d) = θ_ema + (1 − d)·(θ − θ_ema) for every parameter at once.
+
+        One multi-tensor ``lerp`` (``torch._foreach_lerp_``) replaces a Python loop of per-tensor
+        ``lerp_`` calls: on a GPU it launches a handful of fused kernels instead of one per
+        parameter; each element gets the same arithmetic as ``Tensor.lerp_``. Buffers are copied
+        with one multi-tensor copy.
+        """
+        averages = list(self.model.parameters())
+        if averages:
+            torch._foreach_lerp_(averages, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        buffers = list(self.model.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

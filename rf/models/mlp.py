@@ -9,18 +9,19 @@ concatenated with x, and fed through ``depth`` hidden layers of width ``width`` 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
+from rf.options.models import MLPOptions
+
 
 class SinusoidalTimeEmbedding(nn.Module):
-    """t ↦ [sin(πkt), cos(πkt)] for k = 1 … dim/2."""
+    """t ↦ [sin(πkt), cos(πkt)] for k = 1 … dim/2 (``dim`` even)."""
 
     def __init__(self, dim: int):
         super().__init__()
-        if dim < 2 or dim % 2:
-            raise ValueError(f"time embedding dim must be an even number >= 2, got {dim}")
         frequencies = math.pi * torch.arange(1, dim // 2 + 1, dtype=torch.float32)
         self.register_buffer("frequencies", frequencies, persistent=False)
 
@@ -30,13 +31,16 @@ class SinusoidalTimeEmbedding(nn.Module):
 
 
 class MLPVelocity(nn.Module):
-    """v(x, t) for x of shape (B, dim)."""
+    """v(x, t) for x of shape (B, dim); keyword options ``dim``, ``width``, ``depth``,
+    ``time_embed_dim`` (checked by :class:`rf.options.models.MLPOptions`)."""
 
-    def __init__(self, dim: int = 2, width: int = 256, depth: int = 3, time_embed_dim: int = 16):
+    def __init__(self, **options: Any):
         super().__init__()
-        if dim < 1 or width < 1 or depth < 1:
-            raise ValueError(f"MLPVelocity needs dim, width, depth >= 1, got {dim}, {width}, {depth}")
-        self.dim, self.width, self.depth, self.time_embed_dim = dim, width, depth, time_embed_dim
+        self.options = MLPOptions(**options)
+        dim, width, depth, time_embed_dim = (
+            getattr(self.options, key) for key in ("dim", "width", "depth", "time_embed_dim")
+        )
+        self.dim = dim
         self.time_embedding = SinusoidalTimeEmbedding(time_embed_dim)
         layers: list[nn.Module] = []
         fan_in = dim + time_embed_dim
@@ -52,4 +56,5 @@ class MLPVelocity(nn.Module):
         return self.net(torch.cat([x, self.time_embedding(t).to(x.dtype)], dim=1))
 
     def config(self) -> dict:
-        return {"dim": self.dim, "width": self.width, "depth": self.depth, "time_embed_dim": self.time_embed_dim}
+        """Constructor options: ``MLPVelocity(**m.config())`` rebuilds ``m``."""
+        return self.options.as_dict()

@@ -40,11 +40,13 @@ depends only on that sample (no batch statistics).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rf.options.models import UNetOptions
 
 __all__ = [
     "UNet",
@@ -162,14 +164,14 @@ class ResBlock(nn.Module):
         num_groups: int,
         dropout: float,
         skip_rescale: bool,
-        resample: Optional[str] = None,
+        resample: str | None = None,
     ) -> None:
         super().__init__()
         if resample not in (None, "up", "down"):
             raise ValueError(f"resample must be None, 'up' or 'down', got {resample!r}")
         self.skip_rescale = skip_rescale
         if resample == "up":
-            self.resample: Optional[nn.Module] = Upsample(in_channels, with_conv=False)
+            self.resample: nn.Module | None = Upsample(in_channels, with_conv=False)
         elif resample == "down":
             self.resample = Downsample(in_channels, with_conv=False)
         else:
@@ -218,27 +220,10 @@ class AttnBlock(nn.Module):
         return out * (1.0 / math.sqrt(2.0)) if self.skip_rescale else out
 
 
-def _as_int_tuple(name: str, values: Iterable[Any]) -> tuple:
-    try:
-        items = tuple(values)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
-    for v in items:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name} must contain only ints, got {values!r}")
-    return items
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 class UNet(nn.Module):
     """DDPM++ UNet predicting a velocity ``v(x, t)`` with the shape of ``x``.
 
-    Args:
+    Keyword options (checked by :class:`rf.options.models.UNetOptions`):
         in_channels: image channels (also the output channels).
         resolution: input height/width (square images); must be divisible by
             ``2 ** (len(channel_mult) - 1)``.
@@ -264,74 +249,18 @@ class UNet(nn.Module):
             default) or ``"ddpm"`` (separate Downsample/Upsample layers).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        resolution: int = 32,
-        base_channels: int = 128,
-        channel_mult: Sequence[int] = (1, 2, 2, 2),
-        num_res_blocks: int = 4,
-        attn_resolutions: Sequence[int] = (16,),
-        dropout: float = 0.1,
-        time_embed_scale: float = 999.0,
-        num_groups: int = 32,
-        skip_rescale: bool = True,
-        resample_with_conv: bool = True,
-        resblock_type: str = "biggan",
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        in_channels = _check_int("in_channels", in_channels, 1)
-        resolution = _check_int("resolution", resolution, 1)
-        base_channels = _check_int("base_channels", base_channels, 2)
-        num_res_blocks = _check_int("num_res_blocks", num_res_blocks, 1)
-        num_groups = _check_int("num_groups", num_groups, 1)
-        channel_mult = _as_int_tuple("channel_mult", channel_mult)
-        attn_resolutions = _as_int_tuple("attn_resolutions", attn_resolutions)
-        if not channel_mult or min(channel_mult) < 1:
-            raise ValueError(f"channel_mult must be a non-empty sequence of ints >= 1, got {channel_mult!r}")
+        self.options = UNetOptions(**options)
+        in_channels, resolution = self.options.in_channels, self.options.resolution
+        base_channels, channel_mult = self.options.base_channels, self.options.channel_mult
+        num_res_blocks, attn_resolutions = self.options.num_res_blocks, self.options.attn_resolutions
+        dropout, num_groups, skip_rescale = self.options.dropout, self.options.num_groups, self.options.skip_rescale
+        resblock_type, resample_with_conv = self.options.resblock_type, self.options.resample_with_conv
+        time_embed_scale = self.options.time_embed_scale
         num_levels = len(channel_mult)
         factor = 2 ** (num_levels - 1)
-        if resolution % factor != 0:
-            raise ValueError(
-                f"resolution={resolution} must be divisible by 2**(len(channel_mult)-1)={factor} "
-                f"(channel_mult={channel_mult} implies {num_levels - 1} downsamplings)"
-            )
-        level_res = [resolution // 2**i for i in range(num_levels)]
-        unreached = sorted(set(attn_resolutions) - set(level_res))
-        if unreached:
-            raise ValueError(
-                f"attn_resolutions contains {unreached}, which the network never reaches; "
-                f"reachable resolutions are {level_res}"
-            )
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if (
-            isinstance(time_embed_scale, bool)
-            or not isinstance(time_embed_scale, (int, float))
-            or not math.isfinite(time_embed_scale)
-            or time_embed_scale <= 0
-        ):
-            raise ValueError(f"time_embed_scale must be a finite float > 0, got {time_embed_scale!r}")
-        for name, flag in (("skip_rescale", skip_rescale), ("resample_with_conv", resample_with_conv)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be a bool, got {flag!r}")
-        if resblock_type not in _RESBLOCK_TYPES:
-            raise ValueError(f"resblock_type must be one of {_RESBLOCK_TYPES}, got {resblock_type!r}")
-
-        self._config = dict(
-            in_channels=in_channels,
-            resolution=resolution,
-            base_channels=base_channels,
-            channel_mult=list(channel_mult),
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=list(attn_resolutions),
-            dropout=float(dropout),
-            time_embed_scale=float(time_embed_scale),
-            num_groups=num_groups,
-            skip_rescale=skip_rescale,
-            resample_with_conv=resample_with_conv,
-            resblock_type=resblock_type,
-        )
+        level_res = self.options.level_resolutions()
         self.in_channels = in_channels
         self.resolution = resolution
         self._size_multiple = factor
@@ -340,7 +269,7 @@ class UNet(nn.Module):
         temb_dim = 4 * base_channels
         self.time_embed = TimestepEmbedding(base_channels, temb_dim, float(time_embed_scale))
 
-        def res_block(cin: int, cout: int, resample: Optional[str] = None) -> ResBlock:
+        def res_block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
             return ResBlock(cin, cout, temb_dim, num_groups, float(dropout), skip_rescale, resample)
 
         def attn_block(ch: int) -> AttnBlock:
@@ -411,8 +340,8 @@ class UNet(nn.Module):
         _zero_(self.conv_out)
 
     def config(self) -> dict:
-        """Constructor kwargs as a JSON-serialisable dict: ``UNet(**m.config())`` rebuilds ``m``."""
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._config.items()}
+        """Constructor options as a JSON-serialisable dict: ``UNet(**m.config())`` rebuilds ``m``."""
+        return self.options.as_dict()
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """Velocity for images ``x`` (B, C, H, W) at times ``t`` (B,) or scalar, in [0, 1]."""

@@ -11,7 +11,6 @@ from rf.models.digit_classifier import (
 )
 
 
-
 def _patterns(n_per_class=100, size=16, seed=0):
     """Three classes of 1×size×size images in [−1, 1]: a horizontal bar, a vertical bar, a
     diagonal, each at a random offset, plus Gaussian noise."""

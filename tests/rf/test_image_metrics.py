@@ -11,7 +11,6 @@ from rf.metrics.images import extract_features, fid, inception_score, kid
 from rf.metrics.inception import InceptionV3, inception_hash, load_inception
 
 
-
 class _Exploit:
     """Unpickling this object would create a marker file."""
 
@@ -36,7 +35,9 @@ def _random_inception(seed=0):
             elif name.endswith("running_var"):
                 tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
             else:
-                tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator) + (1.0 if name.endswith("bn.weight") else 0.0))
+                tensor.copy_(
+                    0.1 * torch.randn(tensor.shape, generator=generator) + (1.0 if name.endswith("bn.weight") else 0.0)
+                )
     return model
 
 

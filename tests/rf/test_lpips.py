@@ -5,7 +5,6 @@ from safetensors.torch import save_file
 from rf.lpips import LPIPS, LPIPSHuberLoss, LPIPSLoss, load_lpips, make_lpips_loss
 
 
-
 def _random_weights(seed=0, negative=False):
     """A random LPIPS state dict in the file's key names, with positive linear weights."""
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rf.losses import PseudoHuber, l2, make_loss, velocity_loss
-from rf.paths import StraightPath, SubVPPath, VPPath, make_path
+from rf.paths import StraightPath, SubVPPath, VPConstPath, VPPath, make_path
 from rf.timesteps import GridTime, LogitNormalTime, UniformTime, UShapedTime, make_time_sampler
 
 
@@ -30,7 +30,21 @@ def test_vp_family_boundary_values(path_cls):
         assert torch.isfinite(c.dbeta).all()
 
 
-@pytest.mark.parametrize("path", [StraightPath(), VPPath(), SubVPPath()])
+def test_vp_const_is_variance_preserving_at_constant_speed():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    c = VPConstPath().coefficients(t)
+    assert c.alpha[0].item() == 0.0 and c.beta[0].item() == 1.0
+    assert c.alpha[-1].item() == 1.0 and c.beta[-1].item() == 0.0
+    assert torch.allclose(c.alpha**2 + c.beta**2, torch.ones_like(t), rtol=0, atol=1e-15)
+    assert torch.equal(c.alpha, t) and torch.equal(c.dalpha, torch.ones_like(t))
+    inner = slice(0, -1)  # β̇ = −t/√(1 − t²) is −∞ at t = 1
+    assert torch.allclose(c.dbeta[inner], -t[inner] / torch.sqrt(1 - t[inner] ** 2), rtol=1e-14, atol=0)
+    # D = α̇β − αβ̇ = 1/β, the identity rf.sde's schedule for this path rests on
+    d = c.dalpha * c.beta - c.alpha * c.dbeta
+    assert torch.allclose(d[inner] * c.beta[inner], torch.ones(100, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("path", [StraightPath(), VPPath(), SubVPPath(), VPConstPath()], ids=repr)
 def test_velocity_is_the_time_derivative(path):
     x0, x1 = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     t = torch.tensor([0.1, 0.4, 0.7, 0.95], dtype=torch.float64)
@@ -41,14 +55,23 @@ def test_velocity_is_the_time_derivative(path):
     assert torch.allclose((forward - backward) / (2 * h), v, rtol=1e-6, atol=1e-6)
 
 
-def test_vp_stops_below_its_singular_end():
-    assert VPPath().t_max < 1.0
-    t = torch.tensor([VPPath().t_max])
-    assert torch.isfinite(VPPath().coefficients(t).dbeta).all()
+@pytest.mark.parametrize("path", [VPPath(), VPConstPath()], ids=repr)
+def test_vp_paths_stop_below_their_singular_end(path):
+    assert path.t_max < 1.0
+    assert torch.isinf(path.coefficients(torch.tensor([1.0])).dbeta).all()
+    assert torch.isfinite(path.coefficients(torch.tensor([path.t_max])).dbeta).all()
+
+
+def test_vp_const_cut_off_is_where_its_docstring_says():
+    c = VPConstPath().coefficients(torch.tensor([VPConstPath().t_max], dtype=torch.float64))
+    assert c.beta.item() == pytest.approx(0.0447, abs=1e-4)  # the noise left at t_max
+    assert c.dbeta.item() == pytest.approx(-22.34, abs=0.01)  # the largest noise weight trained on
+    assert VPConstPath().t_max == VPPath().t_max
 
 
 def test_make_path_names():
     assert isinstance(make_path("subvp"), SubVPPath)
+    assert isinstance(make_path("vp_const"), VPConstPath)
     with pytest.raises(ValueError, match="unknown path 'vpp'"):
         make_path("vpp")
 

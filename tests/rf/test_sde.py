@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from rf import sde
-from rf.noise import STREAM_X0, noise
-from rf.paths import StraightPath, SubVPPath, VPPath
+from rf.noise import STREAMS, noise
+from rf.paths import StraightPath, SubVPPath, VPConstPath, VPPath
 from rf.solvers import Solver, euler
 
 M = torch.tensor([1.0, -0.5], dtype=torch.float64)
@@ -27,14 +27,14 @@ EYE = torch.eye(2, dtype=torch.float64)
 SAMPLES = 20_000
 STEPS = 200
 # Largest |EM moment − target| over the cases below at N = 200 steps, from em_moments: 0.014
-# (straight σ = 0.5: 0.011, VP σ = 2: 0.014); it halves with every doubling of N (weak order 1).
+# (straight σ = 0.5: 0.011, VP σ = 2: 0.014, constant-speed VP σ = 2: 0.0057); it halves with
+# every doubling of N (weak order 1).
 BIAS = 0.02
 # Standard errors of n = 20 000 samples from N(m, Σ): mean_i: √(Σ_ii / n) ≤ 0.0071;
 # covariance_ij: √((Σ_ii Σ_jj + Σ_ij²) / n) ≤ 0.010. Tolerance = 5 SE + BIAS (≤ 0.07 on Σ_00).
 SE_MEAN = torch.sqrt(torch.diag(SIGMA) / SAMPLES)
 SE_COV = torch.sqrt((torch.outer(torch.diag(SIGMA), torch.diag(SIGMA)) + SIGMA**2) / SAMPLES)
-CASES = [(path, scale) for path in (StraightPath(), VPPath()) for scale in (0.5, 1.0, 2.0)]
-
+CASES = [(path, scale) for path in (StraightPath(), VPPath(), VPConstPath()) for scale in (0.5, 1.0, 2.0)]
 
 
 def coefficients(path, t):
@@ -56,11 +56,12 @@ def gaussian_velocity(path):
 
 
 def start(path, ids):
-    """Samples of the t = 0 marginal N(α_0 m, C_0) (N(0, I) for the straight path; the VP path
-    has α_0 = e^(−5.025) ≠ 0, which the flow carries to an O(α_0) error at t = 1)."""
+    """Samples of the t = 0 marginal N(α_0 m, C_0) (N(0, I) for the straight and constant-speed VP
+    paths; the VP path has α_0 = e^(−5.025) ≠ 0, which the flow carries to an O(α_0) error at
+    t = 1)."""
     alpha, beta, _, _ = coefficients(path, 0.0)
     chol = torch.linalg.cholesky(alpha**2 * SIGMA + beta**2 * EYE)
-    z = noise(11, ids, (2,), stream=STREAM_X0).double()
+    z = noise(11, ids, (2,), stream=STREAMS.x0).double()
     return alpha * M + z @ chol.T
 
 
@@ -95,7 +96,7 @@ def without_score(path, x, v, t, scale):
     return v
 
 
-@pytest.mark.parametrize("path", [StraightPath(), VPPath(), SubVPPath()], ids=repr)
+@pytest.mark.parametrize("path", [StraightPath(), VPPath(), SubVPPath(), VPConstPath()], ids=repr)
 def test_drift_is_velocity_plus_half_g2_times_the_gaussian_score(path):
     velocity = gaussian_velocity(path)
     x = torch.tensor([[0.3, -1.2], [2.0, 0.7], [-1.0, 0.0]], dtype=torch.float64)
@@ -116,6 +117,20 @@ def test_noise_schedules():
     assert sde.diffusion_squared(VPPath(), t, 1.0) == pytest.approx(0.1 + 19.9 * (1 - t))
     alpha = coefficients(SubVPPath(), t)[0]
     assert sde.diffusion_squared(SubVPPath(), t, 1.0) == pytest.approx((0.1 + 19.9 * (1 - t)) * (1 - alpha**4))
+    # constant-speed VP: g² = 2β = 2√(1 − t²), finite at t = 0 where the VP rule 2α̇/α = 2/t is not
+    assert sde.diffusion_squared(VPConstPath(), t, 1.5) == pytest.approx(1.5**2 * 2 * np.sqrt(1 - t**2))
+    assert sde.diffusion_squared(VPConstPath(), 0.0, 1.0) == pytest.approx(2.0)
+    assert sde.diffusion_squared(VPConstPath(), 1.0, 1.0) == 0.0
+
+
+def test_vp_const_drift_is_v_minus_sigma2_beta_times_x_minus_tv():
+    """β D = 1 for α = t, β = √(1 − t²): the score is −(x − t v) and κ_t = σ² β_t."""
+    x = torch.tensor([[0.3, -1.2], [2.0, 0.7]], dtype=torch.float64)
+    v = torch.tensor([[1.1, 0.4], [-0.6, 2.5]], dtype=torch.float64)
+    for t in (0.0, 0.5, 0.99):
+        beta = np.sqrt(1 - t**2)
+        expected = v - 0.7**2 * beta * (x - t * v)
+        assert torch.allclose(sde.drift(VPConstPath(), x, v, t, 0.7), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("path,scale", CASES, ids=lambda p: repr(p))
@@ -140,7 +155,8 @@ def test_sde_samples_have_the_target_moments_and_the_wrong_drift_does_not(path, 
     if scale != 1.0:
         return
     # The same sampler and noise with the score correction dropped inflates the covariance
-    # (by ≈ 1.5 straight, ≈ 10 VP, per em_moments) and must fail the same tolerance.
+    # (by ≈ 1.5 straight and constant-speed VP, ≈ 10 VP, per em_moments) and must fail the same
+    # tolerance.
     monkeypatch.setattr(sde, "drift", without_score)
     wrong = sde.euler_maruyama(gaussian_velocity(path), x0, STEPS, path=path, scale=scale, seed=3, ids=ids)
     mean, cov, ok = moment_errors(wrong.x)
@@ -154,13 +170,15 @@ def cubic(x, t):
     return torch.stack([-b + 0.5 * tt * a - 0.1 * a**3, a - 0.2 * b + tt], 1)
 
 
-@pytest.mark.parametrize("path", [StraightPath(), VPPath()], ids=repr)
+@pytest.mark.parametrize("path", [StraightPath(), VPPath(), VPConstPath()], ids=repr)
 def test_zero_scale_is_euler_bit_for_bit(path):
     x0 = noise(0, np.arange(64), (2,))
     reference = euler(cubic, x0, 25, return_trajectory=True)
     out = sde.euler_maruyama(cubic, x0, 25, path=path, scale=0.0, return_trajectory=True)
     assert torch.equal(out.x, reference.x)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(out.trajectory, reference.trajectory))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(out.trajectory, reference.trajectory)
+    )
     assert torch.equal(Solver.parse("sde@25:0").solve(cubic, x0, path=path).x, reference.x)
 
 
@@ -183,9 +201,8 @@ def test_noise_callable_matches_the_seeded_draws():
     x0 = noise(1, ids, (3,))
     field = lambda x, t: -x  # noqa: E731
     seeded = sde.euler_maruyama(field, x0, 8, seed=5, ids=ids)
-    given = sde.euler_maruyama(field, x0, 8, noise=lambda k: noise(5, ids, (3,), stream=sde.STREAM_SDE + k))
+    given = sde.euler_maruyama(field, x0, 8, noise=lambda k: noise(5, ids, (3,), stream=STREAMS.sde_step(k)))
     assert torch.equal(seeded.x, given.x)
-    assert sde.STREAM_SDE != STREAM_X0
     with pytest.raises(ValueError):
         sde.euler_maruyama(field, x0, 8, noise=lambda k: torch.zeros_like(x0), ids=ids)
     with pytest.raises(ValueError):
@@ -215,8 +232,19 @@ def test_solver_spec_round_trip_and_bad_specs():
         assert Solver.parse(solver.name) == solver
     assert Solver.parse("sde@2000:0.5").name == "sde@2000:0.5"
     assert Solver.parse("sde@2000:1").name == "sde@2000"
-    for bad in ("sde", "sde@", "sde@0", "sde@1.5", "sde@5:", "sde@5:-1", "sde@5:nan", "sde@5:1e999",
-                "euler@5:0.5", "rk45@1e-5:2", "sde@5:0.5:1"):
+    for bad in (
+        "sde",
+        "sde@",
+        "sde@0",
+        "sde@1.5",
+        "sde@5:",
+        "sde@5:-1",
+        "sde@5:nan",
+        "sde@5:1e999",
+        "euler@5:0.5",
+        "rk45@1e-5:2",
+        "sde@5:0.5:1",
+    ):
         with pytest.raises(ValueError):
             Solver.parse(bad)
     with pytest.raises(ValueError):

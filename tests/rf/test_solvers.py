@@ -29,6 +29,7 @@ def test_rk45_matches_scipy_on_a_nonlinear_ode():
     x0 = torch.tensor([[1.0, 0.0], [-0.5, 2.0], [3.0, -1.0]], dtype=torch.float64)
     ours = rk45(nonlinear, x0, rtol=1e-9, atol=1e-9, t1=3.0)
     for i in range(len(x0)):
+
         def f(t, y):
             return nonlinear(torch.tensor(y)[None], torch.tensor([t]))[0].numpy()
 

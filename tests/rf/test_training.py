@@ -1,4 +1,3 @@
-import ast
 import pathlib
 
 import pytest
@@ -17,7 +16,10 @@ def make_trainer(**options):
 
 def batches(n, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g) + 3, torch.rand(16, generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(16, 2, generator=g), torch.randn(16, 2, generator=g) + 3, torch.rand(16, generator=g))
+        for _ in range(n)
+    ]
 
 
 def test_resume_from_files_equals_uninterrupted():
@@ -74,24 +76,13 @@ def test_non_finite_loss_or_batch_stops_before_any_weight_changes():
     x1[3, 1] = float("nan")
     with pytest.raises(NonFiniteLossError, match="step 0: the batch contains NaN"):
         trainer.step(x0, x1, t)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 0"):
-        trainer.step(x0, torch.full_like(x1, 1e30), t)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 0: loss = inf"):
+        trainer.step(x0, torch.full_like(x1, 1e30), t)  # finite inputs whose squared error overflows
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(value, before[key])
+    for key, value in trainer.ema.state_dict().items():
+        assert torch.equal(value, before[key])
     assert trainer.step_count == 0
-
-
-def test_rf_never_imports_ray_fsspec_or_pyarrow():
-    forbidden = {"ray", "fsspec", "pyarrow", "s3fs", "workflows"}
-    for path in pathlib.Path("rf").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                assert name.split(".")[0] not in forbidden, f"{path} imports {name}"
 
 
 # -- gradient accumulation, channels_last, LPIPS ------------------------------------------------
@@ -120,7 +111,7 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch():
     for _ in range(2):  # the second step also checks that gradients do not leak between steps
         loss_whole = whole.step(x0, x1, t)
         loss_accumulated = accumulated.step(x0, x1, t)
-    assert loss_accumulated == pytest.approx(loss_whole, rel=1e-5)
+    assert loss_accumulated.item() == pytest.approx(loss_whole.item(), rel=1e-5)
     assert accumulated.step_count == whole.step_count == 2
     _assert_same_weights(_params(whole), _params(accumulated), atol=1e-6)
     with pytest.raises(ValueError, match="does not split into grad_accumulation=4"):
@@ -162,15 +153,26 @@ def test_accumulation_skips_the_gradient_all_reduce_on_all_but_the_last_micro_ba
 
 def _tiny_unet(**overrides):
     torch.manual_seed(0)
-    config = dict(in_channels=3, resolution=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(8,), dropout=0.0)
+    config = dict(
+        in_channels=3,
+        resolution=16,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        dropout=0.0,
+    )
     config.update(overrides)
     return UNet(**config)
 
 
 def _image_batch(n=4, size=16, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g), torch.rand(n, 3, size, size, generator=g) * 2 - 1, torch.rand(n, generator=g)
+    return (
+        torch.randn(n, 3, size, size, generator=g),
+        torch.rand(n, 3, size, size, generator=g) * 2 - 1,
+        torch.rand(n, generator=g),
+    )
 
 
 def test_channels_last_trains_like_the_default_layout():
@@ -182,7 +184,7 @@ def test_channels_last_trains_like_the_default_layout():
     for _ in range(2):
         loss_default = default.step(x0, x1, t)
         loss_nhwc = nhwc.step(x0, x1, t)
-    assert loss_nhwc == pytest.approx(loss_default, rel=1e-4)
+    assert loss_nhwc.item() == pytest.approx(loss_default.item(), rel=1e-4)
     _assert_same_weights(_params(default), _params(nhwc), atol=1e-5)
     # checkpoints are layout-free: a channels_last trainer restores into a default one
     restored = VelocityTrainer(_tiny_unet(), StraightPath(), lr=1e-3)
@@ -249,3 +251,119 @@ def test_lpips_loss_needs_its_weights(tmp_path):
         make_loss("lpips_huber", weights=tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="no option c"):
         make_loss("lpips", weights=tmp_path / "w.safetensors", c=1.0)
+
+
+# -- host syncs and torch.compile ---------------------------------------------------------------
+
+_HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextmanager
+def _counting_host_reads(monkeypatch, exempt):
+    """Counts, in a list of method names, every call of a Tensor method through which Python reads
+    a tensor's values: on a GPU each one waits until the device has drained its queue (a host
+    sync). Tensors whose id is in ``exempt`` live on the CPU even when training on a GPU, so
+    reading them is no sync; here that is Adam's step counts, which ``torch.optim.Adam`` keeps as
+    CPU tensors (unless ``capturable`` or ``fused``) and reads with ``.item()`` every step."""
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if id(self) not in exempt:
+                reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    with monkeypatch.context() as patch:
+        for name in _HOST_READS:
+            patch.setattr(torch.Tensor, name, counting(name))
+        yield reads
+
+
+def test_a_step_makes_one_host_sync_and_returns_the_loss_as_a_device_tensor(monkeypatch):
+    # clipping (grad_clip=1.0), warm-up, two micro-batches, the EMA: every part of a step runs
+    trainer = make_trainer(warmup_steps=3, grad_accumulation=2)
+    data = batches(5)
+    trainer.step(*data[0])  # creates Adam's state, its step counts among it
+    exempt = {id(state["step"]) for state in trainer.optimizer.state.values()}
+    per_step = []
+    with _counting_host_reads(monkeypatch, exempt) as reads:
+        for index, batch in enumerate(data[1:]):
+            before = len(reads)
+            loss = trainer.step(*batch)
+            if index == 2:
+                float(loss)  # a caller reading the loss pays one more sync, and the hook sees it
+            if index == 3:
+                loss.item()
+            per_step.append(reads[before:])
+    assert per_step == [["tolist"], ["tolist"], ["tolist", "__float__"], ["tolist", "item"]]
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and not loss.requires_grad
+    assert trainer.step_count == 5
+
+
+def test_compiled_training_follows_the_eager_loss_trajectory():
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    data = batches(20)
+    eager, compiled = make_trainer(), make_trainer(compile=True)
+    assert isinstance(compiled.forward_model, OptimizedModule) and compiled.forward_model._orig_mod is compiled.model
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # checkpoints keep their names
+    eager_losses = torch.stack([eager.step(*batch) for batch in data])
+    compiled_losses = torch.stack([compiled.step(*batch) for batch in data])
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model: it really compiled
+    # Inductor fuses and reorders float32 arithmetic, so the losses differ by rounding: a few ulp
+    # (float32 ulp ~6e-8 relative) carried through 20 Adam steps; measured here: 7e-8 at most.
+    # rtol 1e-5 leaves > 100x room, while the loss falls by ~2 % a step (13.8 → 8.7 over the
+    # 20), so a wrong compiled gradient would be off by far more within a step or two.
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=0)
+    assert eager_losses[-1] < 0.8 * eager_losses[0]  # the trajectory moves: the comparison is not vacuous
+
+
+def _step_on_rank(rank: int, world: int, folder: str) -> None:
+    """One DDP rank (gloo): a step where only rank 1's batch holds a NaN, then a good step."""
+    import json
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = MLPVelocity(dim=2, width=8, depth=1)
+        trainer = VelocityTrainer(model, StraightPath(), lr=1e-2, forward_model=DistributedDataParallel(model))
+        before = _params(trainer)
+        x0, x1, t = batches(1, seed=1 + rank)[0]
+        if rank == 1:
+            x1[0, 0] = float("nan")
+        try:
+            trainer.step(x0, x1, t)
+            outcome = "stepped"
+        except NonFiniteLossError as error:
+            outcome = error.detail
+        unchanged = all(torch.equal(before[k], v) for k, v in _params(trainer).items())
+        loss = trainer.step(*batches(1, seed=10 + rank)[0])  # NaN gradients of the failed step must not leak
+        weights = torch.cat([v.flatten() for v in _params(trainer).values()])
+        report = {"outcome": outcome, "unchanged": unchanged, "loss": float(loss), "weights": weights.tolist()}
+        pathlib.Path(folder, f"rank{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_batch_on_one_rank_stops_every_rank_before_the_weights_change(tmp_path):
+    import json
+
+    torch.multiprocessing.spawn(_step_on_rank, args=(2, str(tmp_path)), nprocs=2)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    # the batch and loss flags are all-reduced together (MIN): rank 0's own batch and loss were
+    # finite, yet it stops with rank 1's reason instead of stepping alone and hanging later
+    assert [r["outcome"] for r in reports] == ["the batch contains NaN or inf values"] * 2
+    assert all(r["unchanged"] for r in reports)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in reports)
+    assert reports[0]["weights"] == reports[1]["weights"]  # the good step kept the ranks in sync
+    assert all(torch.isfinite(torch.tensor(r["weights"])).all() for r in reports)

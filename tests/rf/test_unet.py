@@ -11,7 +11,6 @@ from torch import nn
 from rf.models.unet import AttnBlock, ResBlock, UNet, group_count
 
 
-
 def tiny(**overrides) -> dict:
     """A CPU-sized config; override any constructor argument."""
     cfg = dict(
@@ -57,7 +56,12 @@ def n_params(model: nn.Module) -> int:
         (tiny(in_channels=3, resolution=16, attn_resolutions=(8,), resblock_type="ddpm"), 2),
         (tiny(in_channels=3, resolution=16, attn_resolutions=(8,), resblock_type="ddpm", resample_with_conv=False), 2),
         (tiny(in_channels=3, resolution=64, base_channels=8, channel_mult=(1, 1, 2), attn_resolutions=(16,)), 1),
-        (tiny(in_channels=3, resolution=256, base_channels=8, channel_mult=(1, 1, 1, 1, 2, 2), attn_resolutions=(16,)), 1),
+        (
+            tiny(
+                in_channels=3, resolution=256, base_channels=8, channel_mult=(1, 1, 1, 1, 2, 2), attn_resolutions=(16,)
+            ),
+            1,
+        ),
     ],
 )
 def test_output_shape_matches_input(cfg: dict, batch: int) -> None:
@@ -109,8 +113,16 @@ def test_time_conditioning_changes_output() -> None:
 
 
 def test_config_roundtrip_rebuilds_same_architecture() -> None:
-    cfg = tiny(in_channels=3, resolution=16, base_channels=24, channel_mult=(1, 2, 3), attn_resolutions=(8,),
-               num_groups=32, time_embed_scale=1000.0, skip_rescale=False)
+    cfg = tiny(
+        in_channels=3,
+        resolution=16,
+        base_channels=24,
+        channel_mult=(1, 2, 3),
+        attn_resolutions=(8,),
+        num_groups=32,
+        time_embed_scale=1000.0,
+        skip_rescale=False,
+    )
     model = UNet(**cfg)
     dumped = json.dumps(model.config())
     rebuilt = UNet(**json.loads(dumped))
@@ -219,9 +231,18 @@ def test_cifar_config_param_count_in_ddpmpp_range() -> None:
     with torch.device("meta"):
         model = UNet()  # defaults are the DDPM++ CIFAR-10 config used by rectified flow
     assert model.config() == dict(
-        in_channels=3, resolution=32, base_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=4,
-        attn_resolutions=[16], dropout=0.1, time_embed_scale=999.0, num_groups=32, skip_rescale=True,
-        resample_with_conv=True, resblock_type="biggan",
+        in_channels=3,
+        resolution=32,
+        base_channels=128,
+        channel_mult=[1, 2, 2, 2],
+        num_res_blocks=4,
+        attn_resolutions=[16],
+        dropout=0.1,
+        time_embed_scale=999.0,
+        num_groups=32,
+        skip_rescale=True,
+        resample_with_conv=True,
+        resblock_type="biggan",
     )
     # Song et al. (2021) report ~62M parameters for DDPM++ cont. (VP) on CIFAR-10; this
     # implementation gives 61.80M. The +-1M window catches any missing/extra block (a single
