@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rectiflow-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo toy-table soak clean
+.PHONY: venv test lint format demo toy-table soak clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,15 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# Lint and format check (ruff, configured in pyproject.toml); `make format` applies the formatter.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 demo: $(STAMP)
 	$(VENV)/bin/rectiflow run configs/toy2d.yaml

@@ -10,15 +10,16 @@ import shlex
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
-from workflows.config import load_pipeline
+from workflows.config import config_warnings, load_pipeline
 from workflows.lease import LeaseHeld
 from workflows.plan import build_plan
-from workflows.stage import PLAN_FILE
-from workflows.stage_table import render, stage_rows
-from workflows.storage import location
+from workflows.stage_table import format_seconds, render, stage_rows
+
+if TYPE_CHECKING:
+    from workflows.report.read import RunDocument
 
 EXIT_OK, EXIT_FAILED = 0, 1
 logger = logging.getLogger("rectiflow")
@@ -27,27 +28,56 @@ logger = logging.getLogger("rectiflow")
 def connect_ray(address: str | None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``, set inside Ray jobs); otherwise start a
     local Ray with at least 4 logical CPUs, so that Ray Data's own tasks find a slot beside the
-    train and sampling workers even on a 2-core laptop."""
+    train and sampling workers even on a 2-core laptop. An ``address`` that disagrees with a set
+    ``RAY_ADDRESS`` is a :class:`ConfigError` naming both."""
     import ray
+
+    from workflows.jobs import checked_address
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = checked_address(address, ("RAY_ADDRESS",))
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
         # address="local": a new Ray of our own, even where `ray start` left a cluster address file
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local",
+            num_cpus=max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
 
 
-def _live_table(pipeline: Any, finished: threading.Event) -> None:
-    """Redraw the stage table on a terminal; elsewhere print each change of state."""
+PROGRESS_INTERVAL_S = 30.0
+"""Seconds between progress lines when stdout is not a terminal (a job's log, CI, a file)."""
+
+
+def progress_line(name: str, progress: dict[str, Any] | None, seconds: float | None) -> str:
+    """``train-2: 1200/2000 steps (60%), 35.2/s, ETA 0:23, loss 0.0123, 1:02 running``."""
+    parts = [name]
+    if progress and progress.get("total"):
+        done, total, rate = progress["done"], progress["total"], float(progress.get("rate") or 0.0)
+        parts.append(f"{done}/{total} {progress['unit']} ({100 * done / total:.0f}%)")
+        parts.append(f"{rate:.3g}/s")
+        if rate > 0 and done < total:
+            parts.append(f"ETA {format_seconds((total - done) / rate)}")
+        if "loss" in progress:
+            parts.append(f"loss {progress['loss']:.4g}")
+    if seconds is not None:
+        parts.append(f"{format_seconds(seconds)} running")
+    return parts[0] + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "")
+
+
+def _live_table(pipeline: Any, finished: threading.Event, interval: float) -> None:
+    """On a terminal, redraw the stage table every second. Elsewhere print the table on each
+    change of state and, every ``interval`` seconds, one progress line per running stage."""
     interactive = sys.stdout.isatty()
-    printed_lines, last = 0, None
+    printed_lines, last, next_progress = 0, None, time.monotonic() + interval
     while not finished.wait(1.0 if interactive else 0.5):
         rows = _rows(pipeline)
         text = render(rows)
@@ -60,6 +90,12 @@ def _live_table(pipeline: Any, finished: threading.Event) -> None:
             if states != last:
                 print(text, flush=True)
                 last = states
+            if time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + interval
+                stamp = time.strftime("%H:%M:%S")
+                for row in rows:
+                    if row["state"] == "running":
+                        print(f"[{stamp}] {progress_line(row['name'], row['progress'], row['seconds'])}", flush=True)
         sys.stdout.flush()
     print(render(_rows(pipeline)), flush=True)
 
@@ -78,12 +114,18 @@ def run(args: argparse.Namespace) -> int:
     from workflows.report import summary_table
 
     config = load_pipeline(args.pipeline, args.overrides, args.storage)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     plan = build_plan(config)
-    print(f"run {plan.run.uri}: {len(plan.stages)} stages", flush=True)
+    print(f"run {plan.run.uri} (configuration {plan.key}): {len(plan.stages)} stages", flush=True)
     connect_ray(args.address)
-    pipeline = PipelineRun(plan, wait_for_leases=not args.no_wait)
+    # RECTIFLOW_LEASE_TTL_S: seconds without a heartbeat after which another run may take a stage's lease
+    # over (default 60; the fault tests shorten it to pause a run past it)
+    lease_ttl = float(os.environ.get("RECTIFLOW_LEASE_TTL_S", "60"))
+    pipeline = PipelineRun(plan, wait_for_leases=not args.no_wait, lease_ttl=lease_ttl)
     finished = threading.Event()
-    table = threading.Thread(target=_live_table, args=(pipeline, finished), daemon=True)
+    interval = float(getattr(args, "progress_interval", PROGRESS_INTERVAL_S))
+    table = threading.Thread(target=_live_table, args=(pipeline, finished, interval), daemon=True)
     table.start()
     try:
         report = pipeline.run()
@@ -96,140 +138,114 @@ def run(args: argparse.Namespace) -> int:
     finished.set()
     table.join()
     print()
-    print(summary_table(plan.run))
+    print(summary_table(plan.document_location))
     print()
-    print(f"report: {report['files']['html']}")
+    print(f"report: {plan.stages['report'].output.join(report.details['files']['html']).uri}")
     return EXIT_OK
 
 
 def validate(args: argparse.Namespace) -> int:
-    """Print the stages a run would have, with their locations, without running anything."""
-    plan = build_plan(load_pipeline(args.pipeline, args.overrides, args.storage))
-    print(f"{args.pipeline} is valid: run {plan.run.uri}")
+    """Print the stages a run would have, with their locations, without running anything (and
+    without importing Ray or torch)."""
+    config = load_pipeline(args.pipeline, args.overrides, args.storage)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    plan = build_plan(config)
+    print(f"{args.pipeline} is valid: run {plan.run.uri} (configuration {plan.key})")
     for stage in plan.stages.values():
-        needs = f" (needs {', '.join(stage.needs)})" if stage.needs else ""
+        needs = f" (needs {', '.join(stage.needs)})" if stage.needs and stage.kind != "report" else ""
         print(f"  {stage.name:<24} {stage.output.uri}{needs}")
     return EXIT_OK
 
 
-def _run_document(run_uri: str) -> dict[str, Any]:
-    plan_file = location(run_uri).join(PLAN_FILE)
-    if not plan_file.exists():
-        raise FileNotFoundError(f"{run_uri} has no {PLAN_FILE}: is it a run folder ({{storage}}/{{name}})?")
-    return plan_file.read_json()
+def _run_document(run_uri: str) -> list[RunDocument]:
+    """The configurations ``run_uri`` shows: the run document it names (``…/pipeline-{key}.json``),
+    or every run document of a run folder, the most recently written first."""
+    from workflows.report.read import is_document, read_document, run_documents
+
+    if is_document(run_uri):
+        return [read_document(run_uri)]
+    documents = run_documents(run_uri)
+    if not documents:
+        raise FileNotFoundError(
+            f"{run_uri} has no run document (pipeline-{{key}}.json): is it a run folder ({{storage}}/{{name}}), "
+            "and did the run start?"
+        )
+    return documents
+
+
+def _written(document: RunDocument) -> str | None:
+    if document.written_at is None:
+        return None
+    return datetime.fromtimestamp(document.written_at, timezone.utc).isoformat(timespec="seconds")
+
+
+def _configuration_line(document: RunDocument) -> str:
+    written = _written(document)
+    when = f", written {written}" if written else ""
+    stages = len(document.stages)
+    return f"configuration {document.key} ({document.location.name}{when}): {document.name}, {stages} stages"
 
 
 def status(args: argparse.Namespace) -> int:
-    """The stage table of a run, from storage alone."""
+    """Each configuration's stage table (newest first), from storage alone."""
     try:
-        document = _run_document(args.run)
-    except FileNotFoundError as error:
+        documents = _run_document(args.run)
+    except (FileNotFoundError, ValueError) as error:
         print(f"rectiflow: {error}", file=sys.stderr)
         return EXIT_FAILED
-    rows = stage_rows(document)
+    configurations = [(document, stage_rows(document.stages)) for document in documents]
     if args.json:
-        print(json.dumps({"run": document["run"], "name": document["name"], "stages": rows}, indent=1, default=str))
-    else:
-        print(f"run {document['run']}")
+        print(
+            json.dumps(
+                {
+                    "run": documents[0].run.uri,
+                    "configurations": [
+                        {
+                            "key": document.key,
+                            "name": document.name,
+                            "document": document.location.uri,
+                            "written_at": _written(document),
+                            "stages": rows,
+                        }
+                        for document, rows in configurations
+                    ],
+                },
+                indent=1,
+                default=str,
+            )
+        )
+        return EXIT_OK
+    print(f"run {documents[0].run.uri}")
+    for document, rows in configurations:
+        print()
+        print(_configuration_line(document))
         print(render(rows))
     return EXIT_OK
 
 
 def report(args: argparse.Namespace) -> int:
-    """Rebuild a run's report from its stored results (nothing is recomputed)."""
-    from workflows.report import summary_table, write_report
+    """Rebuild the report of each configuration of a run from its stored results (nothing is
+    recomputed), each into its own folder (:func:`workflows.report.report_folder`)."""
+    from workflows.report import load_run, report_folder, write_files
+    from workflows.report.tables import summary_text
 
     try:
-        document = _run_document(args.run)
-    except FileNotFoundError as error:
+        documents = _run_document(args.run)
+    except (FileNotFoundError, ValueError) as error:
         print(f"rectiflow: {error}", file=sys.stderr)
         return EXIT_FAILED
-    files = write_report(location(document["run"]))
-    print(summary_table(location(document["run"])))
-    print(f"report: {files['html']}")
-    return EXIT_OK
-
-
-def _jobs_client(address: str) -> Any:
-    """A Ray Jobs client (token mode is set up by :func:`workflows.cli.main`)."""
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address)
-
-
-def _entrypoint(args: argparse.Namespace, working_dir: Path) -> str:
-    pipeline = Path(args.pipeline).resolve()
-    try:
-        relative = pipeline.relative_to(working_dir)
-    except ValueError:
-        raise SystemExit(f"rectiflow: {args.pipeline} is not inside the working dir {working_dir}; "
-                         "pass --working-dir or move the file") from None
-    parts = ["rectiflow", "run", str(relative)]
-    if args.storage:
-        parts += ["--storage", args.storage]
-    for assignment in args.overrides:
-        parts += ["--set", assignment]
-    return shlex.join(parts)
-
-
-def submit(args: argparse.Namespace) -> int:
-    """Submit ``rectiflow run`` as a Ray job; print its id, and follow it unless --no-wait."""
-    from ray.job_submission import JobStatus
-
-    load_pipeline(args.pipeline, args.overrides, args.storage)  # fail here, not on the cluster
-    working_dir = Path(args.working_dir).resolve()
-    client = _jobs_client(args.address)
-    job_id = _submit_with_retry(
-        client,
-        entrypoint=_entrypoint(args, working_dir),
-        runtime_env={"working_dir": str(working_dir), "excludes": [".venv", ".git", "runs", "**/__pycache__"]},
-    )
-    print(f"submitted job {job_id} to {args.address}", flush=True)
-    if args.no_wait:
-        print(f"follow it with: rectiflow logs {job_id} --address {args.address} --follow")
-        return EXIT_OK
-    _follow(client, job_id)
-    final = client.get_job_status(job_id)
-    print(f"job {job_id}: {final.value}")
-    return EXIT_OK if final == JobStatus.SUCCEEDED else EXIT_FAILED
-
-
-def _submit_with_retry(client: Any, attempts: int = 12, **job: Any) -> str:
-    """Submit, retrying while a just-started cluster has no job agent yet (the Jobs API answers
-    500 "No available agent" for its first seconds)."""
-    for attempt in range(attempts):
+    failed = False
+    for document in documents:
+        print(_configuration_line(document))
         try:
-            return client.submit_job(**job)
-        except RuntimeError as error:
-            if "No available agent" not in str(error) or attempt == attempts - 1:
-                raise
-            logger.info("the cluster's job agent is not up yet; retrying in 5 s")
-            time.sleep(5)
-    raise AssertionError("unreachable")
-
-
-def _follow(client: Any, job_id: str) -> None:
-    """Print the job's logs as they come until it ends."""
-    from ray.job_submission import JobStatus
-
-    printed = 0
-    while True:
-        logs = client.get_job_logs(job_id)
-        sys.stdout.write(logs[printed:])
-        sys.stdout.flush()
-        printed = len(logs)
-        if client.get_job_status(job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            logs = client.get_job_logs(job_id)
-            sys.stdout.write(logs[printed:])
-            return
-        time.sleep(1.0)
-
-
-def logs(args: argparse.Namespace) -> int:
-    """Print a submitted job's logs (following them with --follow)."""
-    client = _jobs_client(args.address)
-    if args.follow:
-        _follow(client, args.job_id)
-    else:
-        sys.stdout.write(client.get_job_logs(args.job_id))
-    return EXIT_OK
+            results = load_run(document.location)
+            files = write_files(results, report_folder(results))
+        except (FileNotFoundError, ValueError) as error:
+            print(f"rectiflow: configuration {document.key}: {error}", file=sys.stderr)
+            failed = True
+            continue
+        print(summary_text(results))
+        print(f"report: {files['html'].uri}")
+        print()
+    return EXIT_FAILED if failed else EXIT_OK

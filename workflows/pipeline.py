@@ -9,27 +9,30 @@ need it; the others still run, and the run then fails naming every failed stage.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
 
-from workflows.lease import Lease
+from workflows.lease import Lease, holding, probe_conditional_writes
+from workflows.manifest import Manifest, is_done, read_manifest
 from workflows.plan import Plan, StagePlan
-from workflows.report import write_report
-from workflows.stage import PLAN_FILE, is_done, read_manifest, read_progress, utc_now, write_manifest
-from workflows.stages.couple import run_coupling_stage
-from workflows.stages.evaluate import run_eval_stage
-from workflows.stages.images import run_classifier_stage, run_import_stage
-from workflows.stages.train import run_train_stage
+from workflows.stage import read_progress
 
 logger = logging.getLogger("rectiflow.pipeline")
 
 PENDING, WAITING, RUNNING, DONE, CACHED, FAILED, BLOCKED = (
-    "pending", "waiting", "running", "done", "cached", "failed", "blocked",
+    "pending",
+    "waiting",
+    "running",
+    "done",
+    "cached",
+    "failed",
+    "blocked",
 )
 FINISHED = {DONE, CACHED}
 
@@ -54,7 +57,6 @@ class StageStatus:
     started: float | None = None
     finished: float | None = None
     error: BaseException | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def elapsed(self, now: float) -> float | None:
         if self.started is None:
@@ -62,51 +64,19 @@ class StageStatus:
         return (self.finished or now) - self.started
 
 
-def _run_train(plan: Plan, stage: StagePlan) -> dict[str, Any]:
-    args = stage.arguments
-    data = args["data"]
-    if isinstance(data, str):
-        data = plan.stages[data].output
-    init = plan.stages[args["init"]].output if args["init"] else None
-    return run_train_stage(args["config"], stage.output, data, init)
-
-
-def _run_couple(plan: Plan, stage: StagePlan) -> dict[str, Any]:
-    args = stage.arguments
-    return run_coupling_stage(args["config"], plan.stages[args["teacher"]].output, stage.output)
-
-
-def _run_eval(plan: Plan, stage: StagePlan) -> dict[str, Any]:
-    args = stage.arguments
-    teacher = plan.stages[args["subject"].teacher].output if args["subject"].teacher else None
-    classifier = plan.stages[args["classifier"]].output if args["classifier"] else None
-    return run_eval_stage(args["config"], args["subject"], plan.stages[args["model"]].output, stage.output, teacher,
-                          classifier)
-
-
-def _run_import(plan: Plan, stage: StagePlan) -> dict[str, Any]:
-    return run_import_stage(stage.arguments["spec"], stage.output)
-
-
-def _run_classifier(plan: Plan, stage: StagePlan) -> dict[str, Any]:
-    return run_classifier_stage(stage.arguments["settings"], stage.arguments["data"], stage.output)
-
-
-def _run_report(plan: Plan, stage: StagePlan) -> dict[str, Any]:
-    files = write_report(plan.run, stage.output)
-    manifest = {"kind": "report", "hash": stage.hash, "files": files, "inputs": list(stage.needs), "finished_at": utc_now()}
-    write_manifest(stage.output, manifest)
-    return manifest
-
-
-RUNNERS: dict[str, Callable[[Plan, StagePlan], dict[str, Any]]] = {
-    "train": _run_train,
-    "couple": _run_couple,
-    "eval": _run_eval,
-    "import": _run_import,
-    "classifier": _run_classifier,
-    "report": _run_report,
+STAGE_MODULES = {
+    "import": "workflows.stages.import_images",
+    "train": "workflows.stages.train",
+    "couple": "workflows.stages.couple",
+    "classifier": "workflows.stages.classifier",
+    "eval": "workflows.stages.evaluate",
+    "report": "workflows.stages.report",
 }
+"""The module of each stage kind; each has ``run(config, inputs, output) -> Manifest``."""
+
+
+def stage_function(kind: str) -> Callable[..., Manifest]:
+    return importlib.import_module(STAGE_MODULES[kind]).run
 
 
 class PipelineRun:
@@ -142,7 +112,8 @@ class PipelineRun:
                 self._set(stage.name, CACHED)
                 return
             self._set(stage.name, RUNNING)
-            RUNNERS[stage.kind](self.plan, stage)
+            with holding(lease):
+                stage_function(stage.kind)(stage.config, self.plan.inputs_of(stage), stage.output)
             self._set(stage.name, DONE)
         finally:
             lease.release()
@@ -156,9 +127,11 @@ class PipelineRun:
                 self._set(name, BLOCKED)
                 self._block_dependents(name)
 
-    def run(self) -> dict[str, Any]:
-        """Run every stage that is not finished; returns the report stage's manifest."""
-        self.plan.run.join(PLAN_FILE).write_json(self.plan.document())
+    def run(self) -> Manifest:
+        """Run every stage that is not finished; returns the report stage's manifest. Refuses, before
+        any work, a storage root that ignores conditional writes (leases could not exclude)."""
+        probe_conditional_writes(self.plan.run)
+        self.plan.document_location.write_json(self.plan.document())
         for name, stage in self.plan.stages.items():
             if is_done(stage.output):
                 Lease(stage.output, self.run_id, ttl=self.lease_ttl).clear_stale()
@@ -186,7 +159,7 @@ class PipelineRun:
             raise PipelineFailed(failures, blocked)
         return read_manifest(self.plan.stages["report"].output)
 
-    def progress(self, name: str) -> dict[str, Any] | None:
+    def progress(self, name: str) -> dict | None:
         """The stage's last recorded progress (only while it runs)."""
         status = self.statuses[name]
         return read_progress(status.stage.output) if status.state == RUNNING else None

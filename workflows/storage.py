@@ -14,6 +14,9 @@ Visibility rules:
   call). Either way a reader sees the old object or the whole new one.
 - :meth:`Location.create_bytes` — the same, but only if the object does not exist yet
   (``os.link`` on a local disk, ``If-None-Match: *`` on S3). Returns False when it existed.
+- :meth:`Location.read_versioned` / :meth:`Location.replace_if` — compare-and-swap: replace only
+  if the object is still the version read (``If-Match: ETag`` on S3, a ``flock``-guarded
+  compare-and-rename locally). Leases are built on these (:mod:`workflows.lease`).
 
 Failures: a request to S3 that fails transiently (5xx, a dropped connection, a timeout) is retried
 by botocore in its ``standard`` mode (``AWS_MAX_ATTEMPTS`` attempts, default 10, with jittered
@@ -25,6 +28,8 @@ stays a ``FileNotFoundError``.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import posixpath
@@ -36,6 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import fsspec
+import fsspec.asyn
 import pyarrow.fs
 
 DEFAULT_S3_ATTEMPTS = 10
@@ -119,7 +125,7 @@ class Location:
     path: str
 
     @classmethod
-    def parse(cls, uri: str) -> "Location":
+    def parse(cls, uri: str) -> Location:
         protocol, path = _split(uri)
         return cls(protocol, path)
 
@@ -135,10 +141,14 @@ class Location:
     def name(self) -> str:
         return posixpath.basename(self.path)
 
+    @property
+    def parent(self) -> Location:
+        return Location(self.protocol, posixpath.dirname(self.path))
+
     def __str__(self) -> str:
         return self.uri
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         """A child location; parts may not climb out with ``..`` or be absolute."""
         for part in parts:
             pieces = part.split("/")
@@ -152,7 +162,9 @@ class Location:
         try:
             return fsspec.filesystem(self.protocol, **_remote_options(self.protocol))
         except ImportError as error:
-            raise StorageError(f"storage URI {self.uri}: the {self.protocol} backend is not installed ({error})") from None
+            raise StorageError(
+                f"storage URI {self.uri}: the {self.protocol} backend is not installed ({error})"
+            ) from None
 
     @cached_property
     def arrow_fs(self) -> pyarrow.fs.FileSystem:
@@ -200,6 +212,21 @@ class Location:
             raise _failed("list", self.uri, error) from None
         return sorted(posixpath.basename(str(entry).rstrip("/")) for entry in entries)
 
+    def list_sizes(self) -> dict[str, int]:
+        """{name: bytes} of the files directly under this folder, from one listing ({} when it
+        does not exist)."""
+        try:
+            entries = self.fs.ls(self.path, detail=True)
+        except FileNotFoundError:
+            return {}
+        except OSError as error:
+            raise _failed("list", self.uri, error) from None
+        return {
+            posixpath.basename(str(entry["name"]).rstrip("/")): int(entry.get("size") or 0)
+            for entry in entries
+            if entry.get("type") == "file"
+        }
+
     # -- writing ---------------------------------------------------------------------------
 
     def write_bytes(self, data: bytes) -> None:
@@ -218,11 +245,98 @@ class Location:
             if self.is_local:
                 return self._write_local(data, exclusive=True)
             self.fs.pipe_file(self.path, data, mode="create")
-        except (FileExistsError, OSError) as error:
-            if isinstance(error, FileExistsError) or "PreconditionFailed" in str(error) or "412" in str(error):
+        except OSError as error:
+            if _lost_a_condition(error):
                 return False
             raise _failed("create", self.uri, error) from None
         return True
+
+    # -- compare-and-swap ------------------------------------------------------------------
+
+    def read_versioned(self) -> tuple[bytes, str]:
+        """(content, version) of the object, read together: the version is the S3 ETag, or on a
+        local disk the sha256 of the content. FileNotFoundError when it is missing."""
+        try:
+            if self.is_local:
+                with open(self.path, "rb") as handle:
+                    data = handle.read()
+                return data, hashlib.sha256(data).hexdigest()
+            bucket, key = self._bucket_key("read a version of")
+            return fsspec.asyn.sync(self.fs.loop, _get_with_etag, self.fs, bucket, key)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri} does not exist") from None
+        except OSError as error:
+            raise _failed("read", self.uri, error) from None
+
+    def replace_if(self, data: bytes, version: str) -> str | None:
+        """Replace the object with ``data`` only if it is still at ``version`` (from
+        :meth:`read_versioned`): ``If-Match: ETag`` on S3; on a local disk the comparison and the
+        atomic rename happen under an exclusive ``flock`` of its folder (processes of one host;
+        NFS honours it through its lock manager). The new version when replaced; None when the
+        object changed or vanished meanwhile."""
+        try:
+            if self.is_local:
+                return hashlib.sha256(data).hexdigest() if self._replace_local_if(data, version) else None
+            bucket, key = self._bucket_key("replace conditionally")
+            response = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=version)
+            self.fs.invalidate_cache(self.path)
+            return response["ETag"]
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            if _lost_a_condition(error):
+                return None
+            raise _failed("replace", self.uri, error) from None
+
+    def delete_if(self, version: str) -> bool:
+        """Delete the object only if it is still at ``version`` (``If-Match`` on S3's
+        DeleteObject; locally under the same ``flock`` as :meth:`replace_if`). True when deleted,
+        False when it changed or was already gone."""
+        try:
+            if self.is_local:
+                return self._replace_local_if(None, version)
+            bucket, key = self._bucket_key("delete conditionally")
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+            self.fs.invalidate_cache(self.path)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            if _lost_a_condition(error):
+                return False
+            raise _failed("delete", self.uri, error) from None
+
+    def _bucket_key(self, operation: str) -> tuple[str, str]:
+        if self.protocol != "s3":
+            raise StorageError(
+                f"cannot {operation} {self.uri}: compare-and-swap is implemented for local disks and S3 only"
+            )
+        bucket, _, key = self.path.partition("/")
+        return bucket, key
+
+    def _replace_local_if(self, data: bytes | None, version: str) -> bool:
+        """Under an exclusive ``flock`` of the parent folder: if the file's sha256 is ``version``,
+        replace it with ``data`` (atomic rename), or remove it when ``data`` is None. (A folder
+        removed meanwhile holds no file, so the comparison fails: the lock never needs cleaning.)"""
+        try:
+            folder = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            try:
+                with open(self.path, "rb") as current:
+                    if hashlib.sha256(current.read()).hexdigest() != version:
+                        return False
+            except FileNotFoundError:
+                return False
+            if data is None:
+                os.unlink(self.path)
+            else:
+                self._write_local(data, exclusive=False)
+            return True
+        finally:
+            os.close(folder)  # releases the flock
 
     def write_json(self, value: Any) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode())
@@ -258,17 +372,19 @@ class Location:
             if os.path.exists(temporary):
                 os.unlink(temporary)
 
-    def remove_temporaries(self) -> list[str]:
+    def remove_temporaries(self, sparing: str | None = None) -> list[str]:
         """Remove the temporary files that writers killed mid-write left under this local folder
         (they are never read: a local write becomes visible only by its rename; on object stores
         a write is one PUT and leaves nothing). Call it only when no writer of the folder can still
-        be running. Returns the removed paths."""
+        be running, except writers of the file named ``sparing`` (whose temporaries stay). Returns
+        the removed paths."""
         removed = []
         if not self.is_local:
             return removed
+        spared = f".{sparing}.tmp-" if sparing else None
         for directory, _, names in os.walk(self.path):
             for name in names:
-                if _TEMPORARY.match(name):
+                if _TEMPORARY.match(name) and not (spared and name.startswith(spared)):
                     path = os.path.join(directory, name)
                     try:
                         os.unlink(path)
@@ -276,6 +392,25 @@ class Location:
                     except OSError:
                         pass
         return removed
+
+
+async def _get_with_etag(fs: Any, bucket: str, key: str) -> tuple[bytes, str]:
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    async with response["Body"] as body:
+        return await body.read(), response["ETag"]
+
+
+def _lost_a_condition(error: BaseException) -> bool:
+    """Whether a failed request lost a condition (``If-None-Match`` / ``If-Match``: HTTP 412, or
+    409 when S3 saw a concurrent conditional write) rather than failing for another reason;
+    decided from botocore's error code, which s3fs keeps as the cause."""
+    if isinstance(error, FileExistsError):
+        return True
+    cause = error.__cause__
+    response = getattr(cause, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
 def location(uri: str | Location) -> Location:

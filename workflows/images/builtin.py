@@ -2,16 +2,16 @@
 
 ``sklearn:digits`` is scikit-learn's copy of the UCI handwritten digits: 1,797 real 8×8 grey
 images with values 0…16 and labels 0…9. It is written as a uint8 array (v · 255 / 16, rounded)
-with its labels to an ``.npz`` that :func:`workflows.images.import_images` then resizes like any
+with its labels to an ``.npz`` that an import (:func:`workflows.images.import_images`) resizes like any
 other source.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

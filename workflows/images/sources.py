@@ -1,6 +1,7 @@
 """Image sources: list what an import will read (names only) and read one shard's images.
 
-Supported sources (SRC may be a local path or any fsspec URI):
+Supported sources (SRC may be a local path or any fsspec URI, or a built-in source of
+:mod:`workflows.images.builtin` such as ``sklearn:digits``):
 
 - **folder**: every ``.png``, ``.jpg``, ``.jpeg`` file under it (case-insensitive; files and
   folders whose name starts with ``.`` are ignored), in sorted order of their relative path.
@@ -24,17 +25,19 @@ import io
 import json
 import posixpath
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
+from workflows.images.builtin import materialized
 from workflows.images.format import ImageImportError
 from workflows.storage import location
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-ARRAY_EXTENSIONS = (".npz", ".npy")
 IMAGE_KEYS, LABEL_KEYS = ("images", "x"), ("labels", "y")
 
 
@@ -138,7 +141,7 @@ def _zip_members(archive: zipfile.ZipFile) -> tuple[str, list[tuple[str, int, in
     tops = {name.split("/", 1)[0] if "/" in name else None for name, _, _ in members}
     if len(tops) == 1 and None not in tops:
         root = f"{tops.pop()}/"
-    return root, [(name[len(root):], crc, size) for name, crc, size in members], ignored
+    return root, [(name[len(root) :], crc, size) for name, crc, size in members], ignored
 
 
 def _read_array_header(handle: BinaryIO, key: str, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -149,7 +152,9 @@ def _read_array_header(handle: BinaryIO, key: str, where: str) -> tuple[tuple[in
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
         else:
-            raise SourceError(f"{where}: array {key!r} uses .npy format version {version}; save it with numpy's default format")
+            raise SourceError(
+                f"{where}: array {key!r} uses .npy format version {version}; save it with numpy's default format"
+            )
     except (ValueError, OSError, EOFError) as error:
         if isinstance(error, SourceError):
             raise
@@ -191,7 +196,9 @@ def _check_arrays(where: str, images: ArrayInfo, labels: ArrayInfo | None) -> No
         raise SourceError(f"{where}: array {images.key!r} holds no images (shape {list(images.shape)})")
     if labels is not None:
         if np.dtype(labels.dtype).kind not in "iu":
-            raise SourceError(f"{where}: labels {labels.key!r} have dtype {np.dtype(labels.dtype).name}; expected integers")
+            raise SourceError(
+                f"{where}: labels {labels.key!r} have dtype {np.dtype(labels.dtype).name}; expected integers"
+            )
         if labels.shape != (images.shape[0],):
             raise SourceError(
                 f"{where}: labels {labels.key!r} have shape {list(labels.shape)}; expected ({images.shape[0]},) "
@@ -213,6 +220,14 @@ def _npz_arrays(archive: zipfile.ZipFile, where: str) -> tuple[ArrayInfo, ArrayI
     return found[0], (found[1] if len(found) > 1 else None)
 
 
+@contextmanager
+def listed(source: str) -> Iterator[Source]:
+    """The listing of ``source`` — a path or URI, or a built-in source materialised for as long as
+    the context lasts (:mod:`workflows.images.builtin`)."""
+    with materialized(source) as path:
+        yield list_source(path)
+
+
 def list_source(uri: str) -> Source:
     """List a source: names, labels and array headers; no pixel is read."""
     src = location(uri)
@@ -228,7 +243,9 @@ def list_source(uri: str) -> Source:
         names, labels, classes = _labelled([relative for relative, _ in found])
         sizes = dict(found)
         fingerprint = _fingerprint([[n, sizes[n]] for n in names])
-        return Source("folder", src.uri, name, len(names), fingerprint, classes, "", names, labels, ignored=len(ignored))
+        return Source(
+            "folder", src.uri, name, len(names), fingerprint, classes, "", names, labels, ignored=len(ignored)
+        )
     if lowered.endswith(".zip"):
         try:
             with src.fs.open(src.path, "rb") as handle, zipfile.ZipFile(handle) as archive:
@@ -240,7 +257,9 @@ def list_source(uri: str) -> Source:
         names, labels, classes = _labelled([member for member, _, _ in members])
         crcs = {member: [crc, size] for member, crc, size in members}
         fingerprint = _fingerprint([[n, *crcs[n]] for n in names])
-        return Source("zip", src.uri, name, len(names), fingerprint, classes, root, names, labels, ignored=ignored_count)
+        return Source(
+            "zip", src.uri, name, len(names), fingerprint, classes, root, names, labels, ignored=ignored_count
+        )
     if lowered.endswith(".npz"):
         try:
             with src.fs.open(src.path, "rb") as handle, zipfile.ZipFile(handle) as archive:
@@ -261,8 +280,9 @@ def list_source(uri: str) -> Source:
     described: dict[str, Any] = {"images": [images.key, list(images.shape), images.dtype], "size": src.size()}
     if labels_info is not None:
         described["labels"] = [labels_info.key, list(labels_info.shape), labels_info.dtype]
-    return Source(kind, src.uri, name, images.shape[0], _fingerprint(described), None,
-                  images=images, label_array=labels_info)
+    return Source(
+        kind, src.uri, name, images.shape[0], _fingerprint(described), None, images=images, label_array=labels_info
+    )
 
 
 # -- reading one shard -------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Each function takes plain arrays and titles and states its settings (samples shown, sampler, NFE,
 seed) in the figure itself; the report repeats them in the caption. PNGs carry no software or
-time stamp, so the same inputs give the same bytes.
+time stamp, so the same inputs give the same bytes. Which stored numbers go into which figure is
+decided in :mod:`workflows.report.gallery`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ class Series:
     nfe: list[float]
     w2: list[float]
     distance: list[float]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One training stage's logged loss against the step."""
+
+    label: str
+    step: np.ndarray
+    loss: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,23 @@ def quality_vs_nfe(series: list[Series], settings: str) -> bytes:
         axes.set_ylabel(name)
         axes.grid(True, alpha=0.3)
     w2_axes.legend(fontsize=8)
+    return _png(figure)
+
+
+def loss_curves(curves: list[Curve], settings: str) -> bytes:
+    """The training loss against the step, a line per training stage, on a log y axis (steps
+    where the loss is not positive are left out: a log axis cannot show them)."""
+    figure = Figure(figsize=(8, 4.2), layout="constrained")
+    figure.suptitle(settings, fontsize=10)
+    axes = figure.subplots()
+    for curve in curves:
+        shown = np.isfinite(curve.loss) & (curve.loss > 0)
+        axes.plot(curve.step[shown], curve.loss[shown], linewidth=1.0, label=curve.label)
+    axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
     return _png(figure)
 
 
@@ -131,7 +158,7 @@ def tile(images: np.ndarray, columns: int) -> np.ndarray:
     canvas = np.ones((rows * (height + 1) - 1, columns * (width + 1) - 1, channels))
     for index, image in enumerate(np.clip((images + 1.0) / 2.0, 0.0, 1.0)):
         top, left = (index // columns) * (height + 1), (index % columns) * (width + 1)
-        canvas[top:top + height, left:left + width] = image.transpose(1, 2, 0)
+        canvas[top : top + height, left : left + width] = image.transpose(1, 2, 0)
     return canvas
 
 
@@ -141,8 +168,13 @@ def image_grids(items: list[tuple[str, np.ndarray]], settings: str, columns: int
     for axes, (title, images) in zip(axes_list, items):
         side = max(1, math.ceil(math.sqrt(len(images))))
         canvas = tile(images, side)
-        axes.imshow(canvas[..., 0] if canvas.shape[-1] == 1 else canvas, cmap="gray", vmin=0.0, vmax=1.0,
-                    interpolation="nearest")
+        axes.imshow(
+            canvas[..., 0] if canvas.shape[-1] == 1 else canvas,
+            cmap="gray",
+            vmin=0.0,
+            vmax=1.0,
+            interpolation="nearest",
+        )
         axes.set_title(title, fontsize=8)
         axes.set_axis_off()
     return _png(figure)
