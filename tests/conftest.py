@@ -89,6 +89,9 @@ def ray_session(s3_endpoint):
         log_to_driver=False,
         configure_logging=False,
     )
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # as `rectiflow run` does
     yield f"http://{context.dashboard_url}"
     ray.shutdown()
 

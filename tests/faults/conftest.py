@@ -1,15 +1,29 @@
 """Fault-injection tests: every test in this folder carries the ``faults`` marker, so that
-``pytest -m faults`` runs them alone (and ``make test`` runs them with the rest)."""
+``pytest -m faults`` runs them alone (and ``make test`` runs them with the rest).
+
+Several tests compare a disturbed run of the small pipeline (tiny.yaml with
+:data:`tests.workflows.pipeline_helpers.SMALL`) with an undisturbed one: :func:`clean_small` runs
+that once per session, in the background from the first test that asks for it, on local storage.
+Stage hashes do not depend on the storage root, so its stages are the ones to compare with.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from tests.faults.run_processes import Run
 from tests.faults.s3_proxy import FaultyProxy
+from tests.workflows.pipeline_helpers import SMALL, TINY
+from workflows.config import load_pipeline
+from workflows.manifest import read_manifest
+from workflows.plan import build_plan
+from workflows.stages.train import RAY_DIR, RAY_RUN_NAME, RAY_SNAPSHOT
+from workflows.weights import model_folder
 
 _HERE = Path(__file__).parent
 
@@ -58,3 +72,43 @@ def bucket_keys(s3_endpoint: str, bucket: str, prefix: str = "") -> dict[str, by
         for item in page.get("Contents", []):
             keys[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
     return keys
+
+
+class CleanRun:
+    """The small pipeline, undisturbed, in the background; :meth:`plan` waits for it to finish."""
+
+    def __init__(self, storage: str):
+        self.storage = storage
+        self.run = Run(TINY, storage, SMALL)
+        self._plan = None
+
+    def plan(self, timeout: float = 900):
+        if self._plan is None:
+            code = self.run.wait(timeout=timeout)
+            assert code == 0, f"the undisturbed reference run failed (rc {code}):\n{self.run.output()[-4000:]}"
+            print(f"undisturbed small run: {self.run.seconds:.0f} s (alongside other tests)")
+            self._plan = build_plan(load_pipeline(TINY, SMALL, storage=self.storage))
+        return self._plan
+
+
+@pytest.fixture(scope="session")
+def clean_small(tmp_path_factory):
+    """The small pipeline run once, undisturbed, on local storage (started at the first request)."""
+    clean = CleanRun(str(tmp_path_factory.mktemp("clean-small") / "storage"))
+    yield clean
+    clean.run.cleanup()
+
+
+def model_bytes(stage) -> bytes:
+    """The final weights (``model.safetensors``) of the finished training stage at ``stage``."""
+    return model_folder(stage, read_manifest(stage)).join("model.safetensors").read_bytes()
+
+
+def snapshot_step(stage, attempt: str) -> int:
+    """The step of the latest checkpoint Ray Train registered in ``attempt`` of the training stage
+    at ``stage`` (0 when none yet)."""
+    try:
+        snapshot = json.loads(stage.join(attempt, RAY_DIR, RAY_RUN_NAME, RAY_SNAPSHOT).read_bytes())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return 0

@@ -8,12 +8,17 @@ per request:
 - ``drop_rate``: closes the connection without an answer — half of these before forwarding the
   request, half after (the request took effect, but the client never learns it);
 - ``stall_rate``: waits ``stall_seconds`` before forwarding (a slow, not a dead, endpoint);
-- ``fail_all``: answers every request with that status (503, 500 or 403) when set.
+- ``fail_all``: answers every request with that status (503, 500 or 403) when set;
+- ``strip_conditions``: removes the conditional headers (``If-None-Match``, ``If-Match``) from
+  every request it forwards — a store that ignores conditional writes (a create overwrites, a
+  replace or delete of a stale version succeeds); ``counts["stripped"]`` counts the requests.
 
 ``hold(pattern)`` makes the next request whose ``METHOD path`` matches the regex wait, without
 being forwarded, until :meth:`release` — then its connection is dropped; :attr:`holding` is set
-while it waits. So a test can kill a client in the middle of a given request, deterministically.
-``counts`` tells how many requests met which fate.
+while it waits (``hold(pattern, every=True)``: every matching request until the release). So a
+test can kill a client in the middle of a given request, deterministically.
+``counts`` tells how many requests met which fate, and ``counts["bytes_out"]`` the response bytes sent;
+``lines`` lists every request's ``METHOD path``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
+_CONDITIONS = {"if-none-match", "if-match"}
 _ERRORS = {
     500: ("InternalError", "We encountered an internal error. Please try again."),
     503: ("ServiceUnavailable", "Service is unable to handle request."),
@@ -36,17 +42,29 @@ _ERRORS = {
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, seed: int = 0, error_rate: float = 0.0, drop_rate: float = 0.0,
-                 stall_rate: float = 0.0, stall_seconds: float = 1.0, fail_all: int = 0):
+    def __init__(
+        self,
+        upstream: str,
+        seed: int = 0,
+        error_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        stall_rate: float = 0.0,
+        stall_seconds: float = 1.0,
+        fail_all: int = 0,
+        strip_conditions: bool = False,
+    ):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.error_rate, self.drop_rate, self.stall_rate = error_rate, drop_rate, stall_rate
         self.stall_seconds = stall_seconds
         self.fail_all = fail_all
+        self.strip_conditions = strip_conditions
         self.counts: Counter[str] = Counter()
+        self.lines: list[str] = []
         self.holding = threading.Event()
         self._release = threading.Event()
         self._hold: re.Pattern[str] | None = None
+        self._hold_every = False
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -58,7 +76,7 @@ class FaultyProxy:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FaultyProxy":
+    def start(self) -> FaultyProxy:
         self._thread.start()
         return self
 
@@ -67,26 +85,38 @@ class FaultyProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "FaultyProxy":
+    def __enter__(self) -> FaultyProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def hold(self, pattern: str) -> None:
-        """Hold the next request matching ``pattern`` (a regex searched in ``METHOD path``)."""
+    def hold(self, pattern: str, every: bool = False) -> None:
+        """Hold the next request matching ``pattern`` (a regex searched in ``METHOD path``) — or,
+        with ``every``, each one until :meth:`release` (a client's retries of a held request, after
+        its read timeout, are held too)."""
         with self._lock:
             self._hold = re.compile(pattern)
+            self._hold_every = every
             self.holding.clear()
             self._release.clear()
 
     def release(self) -> None:
+        with self._lock:
+            if self._hold_every:
+                self._hold = None
         self._release.set()
 
-    def set_rates(self, error_rate: float = 0.0, drop_rate: float = 0.0, stall_rate: float = 0.0,
-                  fail_all: int = 0) -> None:
+    def set_rates(
+        self, error_rate: float = 0.0, drop_rate: float = 0.0, stall_rate: float = 0.0, fail_all: int = 0
+    ) -> None:
         with self._lock:
-            self.error_rate, self.drop_rate, self.stall_rate, self.fail_all = error_rate, drop_rate, stall_rate, fail_all
+            self.error_rate, self.drop_rate, self.stall_rate, self.fail_all = (
+                error_rate,
+                drop_rate,
+                stall_rate,
+                fail_all,
+            )
 
     @property
     def faults(self) -> int:
@@ -96,8 +126,10 @@ class FaultyProxy:
     def _fate(self, request_line: str) -> str:
         with self._lock:
             self.counts["requests"] += 1
+            self.lines.append(request_line)
             if self._hold is not None and self._hold.search(request_line):
-                self._hold = None
+                if not self._hold_every:
+                    self._hold = None
                 self.counts["held"] += 1
                 return "hold"
             if self.fail_all:
@@ -158,6 +190,12 @@ class FaultyProxy:
 
             def _forward(self, body: bytes) -> None:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                if proxy.strip_conditions:
+                    kept = {k: v for k, v in headers.items() if k.lower() not in _CONDITIONS}
+                    if len(kept) < len(headers):
+                        with proxy._lock:
+                            proxy.counts["stripped"] += 1
+                    headers = kept
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
                 connection = http.client.HTTPConnection(*proxy.upstream, timeout=60)
@@ -180,6 +218,8 @@ class FaultyProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.counts["bytes_out"] += len(data)
 
             def _handle(self) -> None:
                 body = self._body()

@@ -9,8 +9,12 @@ passed); then one last run goes to the end. Alongside, an uninterrupted run work
 At the end it checks that:
 
 - the key results of every stage's manifest (losses, step counts, shard checksums, pair counts,
-  evaluation rows; not times, hosts, resume counts or URIs) equal the clean run's;
+  evaluation rows; not times, hosts, resume counts, URIs, lease generations or which
+  ``attempt-N`` folder holds a file) equal the clean run's;
+- the final weights of every training stage equal the clean run's, bit for bit;
 - ``metrics.parquet`` of the report (without timing columns) equals the clean run's;
+- every lease file left is beside a finished stage (a run killed between a manifest and its
+  release) and held by no live process;
 - no Ray process of any run (its process group, or any process naming its own RAY_TMPDIR) lives;
 - no temporary file (``*.tmp*``) is left in the soaked storage root;
 
@@ -24,10 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
+import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -39,15 +42,34 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 
-from tests.faults.run_processes import RunProcesses  # noqa: E402
-from tests.workflows.pipeline_helpers import SMALL, TINY, metrics_of, rectiflow, set_arguments  # noqa: E402
+from tests.faults.conftest import model_bytes  # noqa: E402
+from tests.faults.run_processes import Run  # noqa: E402
+from tests.workflows.pipeline_helpers import SMALL, TINY, metrics_of  # noqa: E402
 from workflows.config import load_pipeline  # noqa: E402
+from workflows.lease import LEASE_FILE  # noqa: E402
+from workflows.manifest import SUCCESS_FILE  # noqa: E402
 from workflows.plan import build_plan  # noqa: E402
-from workflows.stage import SUCCESS_FILE  # noqa: E402
 
-VOLATILE = {"time", "code", "resumed_at_steps", "shards_reused", "shards_written", "bytes_written", "inputs", "files",
-            "finished_at", "started_at", "uri", "host", "pid"}
-"""Manifest keys that may differ between an interrupted and a clean run (times, provenance, paths)."""
+VOLATILE = {
+    "time",
+    "code",
+    "lease",
+    "resumed_at_steps",
+    "shards_reused",
+    "shards_written",
+    "bytes_written",
+    "inputs",
+    "files",
+    "finished_at",
+    "started_at",
+    "uri",
+    "host",
+    "pid",
+}
+"""Manifest keys that may differ between an interrupted and a clean run (times, provenance, the lease
+generation a stage finished under)."""
+ATTEMPT = re.compile(r"attempt-\d+")
+"""A resumed stage writes into ``attempt-{generation}``: file names are compared without the number."""
 
 
 def log(message: str) -> None:
@@ -57,10 +79,15 @@ def log(message: str) -> None:
 def key_results(value):
     """``value`` without volatile keys (recursively) and without timing figures."""
     if isinstance(value, dict):
-        return {key: key_results(item) for key, item in value.items()
-                if key not in VOLATILE and not key.endswith("_seconds") and not key.endswith("per_second")}
+        return {
+            key: key_results(item)
+            for key, item in value.items()
+            if key not in VOLATILE and not key.endswith("_seconds") and not key.endswith("per_second")
+        }
     if isinstance(value, list):
         return [key_results(item) for item in value]
+    if isinstance(value, str):
+        return ATTEMPT.sub("attempt-N", value)
     return value
 
 
@@ -80,42 +107,28 @@ def differences(a, b, where: str = "") -> list[str]:
     return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
 
-class Run:
-    """One `rectiflow run` in its own process group and with its own RAY_TMPDIR."""
-
-    def __init__(self, storage: str, sets: list[str]):
-        self.ray_tmp = tempfile.mkdtemp(prefix="rfsoak-", dir="/tmp")  # Ray's socket paths must stay short
-        self.started = time.monotonic()
-        self.process = rectiflow("run", TINY, "--storage", storage, *set_arguments(sets), background=True,
-                                 env={"RAY_TMPDIR": self.ray_tmp})
-        self.tracked = RunProcesses(self.process.pid, self.ray_tmp)
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=60)
-
-    def leaked(self, timeout: float = 30) -> list[str]:
-        return self.tracked.leaked(timeout)
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=5, help="driver kills to inject before the last run (5)")
     parser.add_argument("--max-minutes", type=float, default=15.0, help="stop injecting kills after this long (15)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the kill times (random by default)")
-    parser.add_argument("--worker-kill-rate", type=float, default=0.3,
-                        help="chance that a Ray worker is killed before the driver is (0.3)")
+    parser.add_argument(
+        "--worker-kill-rate",
+        type=float,
+        default=0.3,
+        help="chance that a Ray worker is killed before the driver is (0.3)",
+    )
     parser.add_argument("--min-delay", type=float, default=8.0, help="earliest kill, seconds after a start (8)")
     parser.add_argument("--max-delay", type=float, default=80.0, help="latest kill, seconds after a start (80)")
     parser.add_argument("--storage", default=None, help="folder for both roots (a temporary one by default, removed)")
-    parser.add_argument("--set", dest="sets", action="append", default=None, metavar="KEY=VALUE",
-                        help="pipeline overrides (default: a smaller tiny.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="pipeline overrides (default: a smaller tiny.yaml)",
+    )
     options = parser.parse_args()
     seed = options.seed if options.seed is not None else random.randrange(2**31)
     rng = random.Random(seed)
@@ -127,13 +140,13 @@ def main() -> int:
     started = time.monotonic()
     deadline = started + options.max_minutes * 60
     runs: list[Run] = []
-    clean = Run(clean_root, sets)
+    clean = Run(TINY, clean_root, sets)
     runs.append(clean)
     driver_kills = worker_kills = 0
     problems: list[str] = []
     try:
         while driver_kills < options.kills and time.monotonic() < deadline:
-            run = Run(soaked, sets)
+            run = Run(TINY, soaked, sets)
             runs.append(run)
             at = rng.uniform(options.min_delay, options.max_delay)
             worker_at = rng.uniform(options.min_delay, at) if rng.random() < options.worker_kill_rate else None
@@ -164,11 +177,11 @@ def main() -> int:
                 problems.append(f"run {len(runs) - 1}: processes alive after the kill: {leaked}")
             log(f"run {len(runs) - 1}: killed the driver's process group at {at:.0f} s (kill {driver_kills})")
 
-        if not runs[-1] is clean and runs[-1].process.returncode == 0:
+        if runs[-1] is not clean and runs[-1].process.returncode == 0:
             final_rc = 0
         else:
             log("last run, to the end")
-            run = Run(soaked, sets)
+            run = Run(TINY, soaked, sets)
             runs.append(run)
             final_rc = run.process.wait(timeout=900)
         if final_rc != 0:
@@ -190,6 +203,8 @@ def main() -> int:
             ours = key_results(stage.output.join(SUCCESS_FILE).read_json())
             theirs = key_results(clean_plan.stages[name].output.join(SUCCESS_FILE).read_json())
             found += [f"{name}{line}" for line in differences(ours, theirs)]
+            if stage.kind == "train" and model_bytes(stage.output) != model_bytes(clean_plan.stages[name].output):
+                found.append(f"{name}: the final weights differ from the clean run's")
         try:
             pd.testing.assert_frame_equal(metrics_of(plan), metrics_of(clean_plan))
         except AssertionError as error:
@@ -204,12 +219,23 @@ def main() -> int:
     temporary = [str(path) for path in Path(soaked).rglob("*") if ".tmp" in path.name]
     if temporary:
         problems.append(f"temporary files left in storage: {temporary[:10]}")
+    for lease in Path(soaked).rglob(LEASE_FILE):
+        holder = json.loads(lease.read_bytes())
+        if not (lease.parent / SUCCESS_FILE).exists() or psutil.pid_exists(holder["pid"]):
+            problems.append(f"a lease is left beside an unfinished stage or held by a live process: {lease}")
     for problem in problems:
         log(f"PROBLEM {problem[:2000]}")
-    summary = {"seed": seed, "driver_kills": driver_kills, "worker_kills": worker_kills, "runs": len(runs) - 1,
-               "equal": equal, "leaked": any("leaked" in p or "alive" in p for p in problems),
-               "temp_files": len(temporary), "minutes": round((time.monotonic() - started) / 60, 1),
-               "ok": not problems}
+    summary = {
+        "seed": seed,
+        "driver_kills": driver_kills,
+        "worker_kills": worker_kills,
+        "runs": len(runs) - 1,
+        "equal": equal,
+        "leaked": any("leaked" in p or "alive" in p for p in problems),
+        "temp_files": len(temporary),
+        "minutes": round((time.monotonic() - started) / 60, 1),
+        "ok": not problems,
+    }
     print("soak: " + json.dumps(summary), flush=True)
     if options.storage is None and not problems:
         shutil.rmtree(base, ignore_errors=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -13,12 +14,12 @@ import pytest
 from rf.checkpoint import CheckpointError
 from rf.noise import noise
 from tests.workflows.helpers import random_mlp, write_coupling, write_teacher
-from tests.workflows.test_train import config
-from workflows.shards import Coupling, ShardError, sha256, shard_name
-from workflows.stage import SUCCESS_FILE, read_manifest, write_manifest
-from workflows.stages.train import run_train_stage
+from tests.workflows.test_train import config, run_train_stage
+from workflows.couplings import Coupling
+from workflows.manifest import SUCCESS_FILE, read_manifest, write_manifest
+from workflows.shard_format import ShardError, sha256, shard_name
 from workflows.storage import location
-from workflows.weights import load_stage_model
+from workflows.weights import load_stage_model, model_folder
 
 
 class _Exploit:
@@ -36,10 +37,11 @@ def _relist(folder, name: str, data: bytes) -> None:
     checksum (a corrupt producer, not a corrupt disk)."""
     folder.join(name).write_bytes(data)
     manifest = read_manifest(folder)
-    for entry in manifest["shards"]:
-        if entry["name"] == name:
-            entry.update(sha256=sha256(data), bytes=len(data))
-    write_manifest(folder, manifest)
+    shards = [
+        {**entry, "sha256": sha256(data), "bytes": len(data)} if entry["name"] == name else entry
+        for entry in manifest.details["shards"]
+    ]
+    write_manifest(folder, dataclasses.replace(manifest, details={**manifest.details, "shards": shards}))
 
 
 def _truncated(folder, name):
@@ -60,7 +62,10 @@ def _flipped_byte(folder, name):
 
 
 def _rewritten(folder, name, transform):
-    table = transform(pq.read_table(pa.BufferReader(folder.join(name).read_bytes())))
+    """The shard's table transformed, written with its rectiflow footer kept (a producer that
+    knows the format but writes the wrong thing)."""
+    original = pq.read_table(pa.BufferReader(folder.join(name).read_bytes()))
+    table = transform(original).replace_schema_metadata(original.schema.metadata)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     _relist(folder, name, sink.getvalue().to_pybytes())
@@ -93,15 +98,18 @@ def _pickle_as_shard(folder, name, marker=None):
     _relist(folder, name, pickle.dumps(_Exploit(str(marker))))
 
 
-CORRUPTIONS = {
+CORRUPTIONS = {  # (spoil, message); the size is checked by the driver's listing, the rest by verify()'s tasks
     "truncated": (_truncated, r"has \d+ bytes, the manifest says"),
-    "truncated, manifest rewritten": (_truncated_and_relisted, "is not a readable Parquet file"),
+    "truncated, manifest rewritten": (_truncated_and_relisted, "is not a readable rectiflow shard"),
     "one byte flipped": (_flipped_byte, "checksum mismatch"),
-    "wrong vector size": (_wrong_vector_size, r"column x1 has type fixed_size_list<\w+: float>\[3\], expected vectors of 2"),
+    "wrong vector size": (
+        _wrong_vector_size,
+        r"column x1 has type fixed_size_list<\w+: float>\[3\], expected vectors of 2",
+    ),
     "wrong columns": (_wrong_schema, r"has columns \['pair_id', 'z0', 'x1'\]"),
     "wrong value type": (_float64_values, "expected vectors of 2 = 2 float32 values"),
     "missing": (lambda folder, name: folder.join(name).delete(), f"missing shard {shard_name(5)}"),
-    "pickle": (_pickle_as_shard, "is not a readable Parquet file"),
+    "pickle": (_pickle_as_shard, "is not a readable rectiflow shard"),
 }
 
 
@@ -125,15 +133,21 @@ def test_a_corrupt_coupling_fails_training_before_any_step(ray_session, tmp_path
     assert not marker.exists()
 
 
-def test_a_corrupt_shard_is_refused_by_open_not_midway(tmp_path):
-    """A reader that opens a coupling learns of a corrupt shard at once, not after the others."""
+def test_a_corrupt_shard_is_refused_up_front_not_midway(tmp_path):
+    """A reader learns of a corrupt shard before it uses any, not after the others. Changed by
+    design: :meth:`Coupling.open` reads the manifest and one listing, never a shard (so a driver
+    opening a coupling of millions of pairs reads none of them); a same-size corruption is found
+    by :meth:`Coupling.verify`, which checks every shard up front (in Ray tasks when Ray runs)."""
     root = location(str(tmp_path))
     x0 = noise(1, np.arange(256), (2,))
     write_coupling(root.join("pairs"), x0, x0 + 1, shard_size=64)
     _flipped_byte(root.join("pairs"), shard_name(3))
+    coupling = Coupling.open(root.join("pairs"))  # the size is right: the listing cannot tell
+    assert coupling.pairs == 256
     with pytest.raises(ShardError, match=f"{shard_name(3)} does not match the manifest"):
-        Coupling.open(root.join("pairs"))
-    assert Coupling.open(root.join("pairs"), verify=False).pairs == 256  # cheap open still possible
+        coupling.verify()
+    with pytest.raises(ShardError, match=f"{shard_name(3)} does not match the manifest"):
+        coupling.read(coupling.shards[3])  # and a reader that skipped verify() is refused the shard
 
 
 @pytest.mark.parametrize("file", ["model.safetensors", "model.json"])
@@ -142,8 +156,10 @@ def test_stage_weights_that_are_a_pickle_are_refused_and_run_no_code(tmp_path, f
     stage = root.join("train-1")
     write_teacher(stage, random_mlp())
     marker = tmp_path / "pwned"
-    stage.join("model", file).write_bytes(pickle.dumps(_Exploit(str(marker))))
-    with pytest.raises(CheckpointError, match="not a valid safetensors file and will not be unpickled|is not a model spec"):
+    model_folder(stage, read_manifest(stage)).join(file).write_bytes(pickle.dumps(_Exploit(str(marker))))
+    with pytest.raises(
+        CheckpointError, match="not a valid safetensors file and will not be unpickled|is not a model spec"
+    ):
         load_stage_model(stage)
     assert not marker.exists()
     assert stage.join(SUCCESS_FILE).exists()  # refused on load, whatever the manifest says

@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from tests.workflows.pipeline_helpers import TINY
-from tests.workflows.test_couple import make_config, make_teacher
-from workflows.stage import SUCCESS_FILE
-from workflows.stages.couple import run_coupling_stage
+from tests.workflows.pipeline_helpers import ONE_ROUND, TINY
+from tests.workflows.test_couple import make_config, make_teacher, run_coupling_stage
+from workflows.config import load_pipeline
+from workflows.manifest import SUCCESS_FILE
+from workflows.plan import build_plan
 from workflows.storage import location
 
 
@@ -25,7 +26,9 @@ def small_disk(tmp_path):
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
@@ -49,33 +52,60 @@ def test_a_full_disk_fails_the_coupling_naming_the_shard_and_marks_nothing_done(
 DENIED_RUN = """
 import sys
 from workflows.config import load_pipeline
-from workflows.pipeline import PipelineFailed, PipelineRun
+from workflows.pipeline import PipelineRun
 from workflows.plan import build_plan
-plan = build_plan(load_pipeline(sys.argv[1], storage=sys.argv[2]))
+plan = build_plan(load_pipeline(sys.argv[1], sys.argv[3:], storage=sys.argv[2]))
 try:
     PipelineRun(plan).run()
-except PipelineFailed as error:
-    print(error, file=sys.stderr)
+except Exception as error:
+    print(f"{type(error).__name__}: {error}", file=sys.stderr)
     sys.exit(3)
 """
 
 
-def test_a_read_only_stage_folder_fails_the_run_naming_the_path(tmp_path):
-    storage = tmp_path / "storage"
-    plan_root = storage / "tiny"
-    plan_root.mkdir(parents=True)
-    command = [sys.executable, "-c", DENIED_RUN, TINY, str(storage)]
+def _denied_run(storage, read_only) -> subprocess.CompletedProcess:
+    """The one-round pipeline run on ``storage`` by a process that may not write into the folder
+    ``read_only`` (as root too: it drops the capabilities that let root ignore permissions)."""
+    command = [sys.executable, "-c", DENIED_RUN, TINY, str(storage), *ONE_ROUND]
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv: a read-only folder does not deny root")
         command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", *command]
-    os.chmod(plan_root, 0o555)
+    os.chmod(read_only, 0o555)
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
     finally:
-        os.chmod(plan_root, 0o755)
-    assert result.returncode != 0
+        os.chmod(read_only, 0o755)
+
+
+def test_a_read_only_run_folder_fails_the_run_before_any_work_naming_the_path(tmp_path):
+    """Changed by design: the first write of a run is now the probe of conditional writes in the
+    run folder (before the run document ``pipeline-{key}.json``), so that is what names it."""
+    storage = tmp_path / "storage"
+    run_folder = storage / "tiny"
+    run_folder.mkdir(parents=True)
+    result = _denied_run(storage, run_folder)
+    assert result.returncode == 3, result.stderr[-3000:]
     assert "Permission denied" in result.stderr, result.stderr[-3000:]
-    assert f"cannot write {plan_root}/pipeline.json" in result.stderr, result.stderr[-3000:]
+    assert f"cannot create {run_folder}/_PROBE-" in result.stderr, result.stderr[-3000:]
     assert not [path for path in storage.rglob(SUCCESS_FILE)]
-    assert os.listdir(plan_root) == []
+    assert os.listdir(run_folder) == []
+
+
+def test_a_read_only_stage_folder_fails_that_stage_naming_the_path(tmp_path):
+    """The run folder is writable (probe, run document) but train-1's folder is not: taking its
+    lease fails naming the file, the stage fails, every stage that needs it is reported as not run,
+    and nothing is marked done. No Ray work starts: the lease comes before any."""
+    storage = tmp_path / "storage"
+    plan = build_plan(load_pipeline(TINY, ONE_ROUND, storage=str(storage)))
+    stage = plan.stages["train-1"].output
+    os.makedirs(stage.path)
+    result = _denied_run(storage, stage.path)
+    assert result.returncode == 3, result.stderr[-3000:]
+    message = result.stderr
+    assert "PipelineFailed" in message and "train-1: StorageIOError" in message, message[-3000:]
+    assert f"cannot create {stage.path}/_LEASE.json" in message and "Permission denied" in message, message[-3000:]
+    assert "not run because of them: eval-train-1, report" in message, message[-3000:]
+    assert not [path for path in storage.rglob(SUCCESS_FILE)]
+    assert os.listdir(stage.path) == []
+    assert set(os.listdir(plan.run.path)) == {stage.name, plan.document_location.name}

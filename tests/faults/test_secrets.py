@@ -21,6 +21,8 @@ SECRETS = {  # recognisable markers, not in any real credential's format
     "AWS_SESSION_TOKEN": "rectiflow-planted-session-token-0003",
     "RAY_AUTH_TOKEN": "rectiflow-planted-ray-auth-token-0004",
 }
+
+
 def _leaks(folder: Path) -> list[str]:
     found = []
     for path in folder.rglob("*"):
@@ -47,8 +49,7 @@ def test_a_run_writes_no_secret_anywhere(tmp_path, request):
     streams = result.stdout + result.stderr
     leaked = [name for name, value in SECRETS.items() if value in streams] + _leaks(storage) + _leaks(ray_tmp)
     assert not leaked, leaked
-    print(f"secrets: grepped {len(files)} storage files, {len(logs)} Ray session files, "
-          f"{len(streams)} bytes of output")
+    print(f"secrets: grepped {len(files)} storage files, {len(logs)} Ray session files, {len(streams)} bytes of output")
 
 
 def test_a_failing_s3_request_does_not_carry_the_credentials(s3_endpoint, s3_bucket, proxy, monkeypatch):
@@ -57,8 +58,11 @@ def test_a_failing_s3_request_does_not_carry_the_credentials(s3_endpoint, s3_buc
             monkeypatch.setenv(name, value)
     proxy.set_rates(fail_all=403)
     with endpoint(proxy.url, AWS_MAX_ATTEMPTS="2"):
-        for action in (lambda target: target.read_bytes(), lambda target: target.write_bytes(b"x"),
-                       lambda target: target.exists()):
+        for action in (
+            lambda target: target.read_bytes(),
+            lambda target: target.write_bytes(b"x"),
+            lambda target: target.exists(),
+        ):
             with pytest.raises((StorageIOError, PermissionError)) as error:
                 action(location(s3_bucket).join("stage", "_SUCCESS.json"))
             text = f"{error.value!r} {error.value} {error.value.__cause__!r} {error.value.__context__!r}"

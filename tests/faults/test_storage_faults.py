@@ -6,6 +6,7 @@ shard or manifest is ever visible (checked by listing moto directly, not through
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,13 +14,18 @@ import time
 import numpy as np
 import pytest
 import ray
+import torch
 
 from tests.faults.conftest import bucket_keys, endpoint
-from tests.workflows.test_couple import TEACHER_HASH, make_config, make_teacher
-from workflows.lease import Lease
-from workflows.shards import Coupling, inspect_shard, shard_count, shard_name
-from workflows.stage import SUCCESS_FILE, read_manifest, write_manifest
-from workflows.stages.couple import ShardJob, ShardWriter, coupling_format, run_coupling_stage
+from tests.workflows.helpers import fake_manifest, write_coupling
+from tests.workflows.test_couple import TEACHER_HASH, make_config, make_teacher, run_coupling_stage
+from workflows.couplings import Coupling, inspect_shard
+from workflows.distributions import sample_by_id
+from workflows.lease import LEASE_FILE, Lease
+from workflows.manifest import SUCCESS_FILE, read_manifest
+from workflows.settings import NoiseSpec
+from workflows.shard_format import shard_count, shard_name
+from workflows.stages.couple import ShardJob, ShardWriter, coupling_format
 from workflows.storage import StorageIOError, location
 
 FLAKY = dict(error_rate=0.12, drop_rate=0.10, stall_rate=0.04)  # 26 % of requests
@@ -27,25 +33,41 @@ FLAKY = dict(error_rate=0.12, drop_rate=0.10, stall_rate=0.04)  # 26 % of reques
 
 COUPLE_THROUGH = """
 import json, sys, ray
-from workflows.shards import Coupling
-from workflows.stages.couple import CouplingConfig, run_coupling_stage
+from workflows.couplings import Coupling
+from workflows.settings import CouplingConfig
+from workflows.stages import couple
 from workflows.storage import location
 address, proxy, config, teacher, output = sys.argv[1:]
 ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": {"AWS_ENDPOINT_URL": proxy}})
-manifest = run_coupling_stage(CouplingConfig.model_validate_json(config), location(teacher), location(output))
+manifest = couple.run(CouplingConfig.model_validate_json(config), {"teacher": location(teacher)}, location(output))
 coupling = Coupling.open(location(output))
+coupling.verify()  # every shard read and checked by Ray tasks, through the proxy too
 ids = [int(i) for entry in coupling.shards for i in coupling.read(entry)[0]]
-print(json.dumps({"manifest": manifest, "ids": ids}))
+print(json.dumps({"manifest": manifest.to_json(), "ids": ids}))
 """
 
 
 def reference_shards(config, teacher, folder) -> dict[str, bytes]:
     """The shard bytes an undisturbed in-process writer makes (local disk)."""
-    job = ShardJob(teacher=teacher, output=folder, format=coupling_format(config, TEACHER_HASH), pairs=config.pairs,
-                   batch_size=config.batch_size, forward_batch=config.forward_batch, cpus=1, gpus=0)
-    writer = ShardWriter(job)
-    for index in range(shard_count(config.pairs, config.shard_size)):
-        writer.write_shard(index)
+    threads = torch.get_num_threads()
+    job = ShardJob(
+        teacher=teacher,
+        output=folder,
+        format=coupling_format(config, TEACHER_HASH),
+        pairs=config.pairs,
+        batch_size=config.batch_size,
+        forward_batch=config.forward_batch,
+        precision=config.precision,
+        compile=config.compile,
+        cpus=1,
+        gpus=0,
+    )
+    try:
+        writer = ShardWriter(job)
+        for index in range(shard_count(config.pairs, config.shard_size)):
+            writer.process({"shard": index, "present": False})
+    finally:
+        torch.set_num_threads(threads)  # the writer sets this process's threads as a worker's
     return {name: folder.join(name).read_bytes() for name in folder.list_names() if name.startswith("shard-")}
 
 
@@ -53,7 +75,7 @@ def assert_only_whole_objects(objects: dict[str, bytes], prefix: str, config) ->
     """Every object under ``prefix`` is whole: shards parse as their shard, JSON parses."""
     fmt = coupling_format(config, TEACHER_HASH)
     for key, data in objects.items():
-        name = key[len(prefix):].lstrip("/")
+        name = key[len(prefix) :].lstrip("/")
         assert ".tmp" not in name, key
         if name.startswith("shard-"):
             inspect_shard(data, fmt, int(name[6:12]), config.pairs, key)
@@ -64,12 +86,10 @@ def assert_only_whole_objects(objects: dict[str, bytes], prefix: str, config) ->
 def test_a_coupling_is_written_and_read_through_a_flaky_endpoint(s3_endpoint, s3_bucket, ray_session, proxy, tmp_path):
     """The whole coupling stage — driver and Ray Data actors — talks to S3 through the proxy
     (26 % of requests fail, drop or stall); then every shard is read back through it."""
-    torch_threads = __import__("torch").get_num_threads()
     root = location(s3_bucket)
     teacher = make_teacher(root.join("teacher"))
     config = make_config(pairs=480, shard_size=40, solver="euler@4", workers=2, batch_size=40)
     expected = reference_shards(config, teacher, location(str(tmp_path / "reference")))
-    __import__("torch").set_num_threads(torch_threads)
     output = root.join("couple")
 
     proxy.set_rates(**FLAKY)
@@ -78,7 +98,10 @@ def test_a_coupling_is_written_and_read_through_a_flaky_endpoint(s3_endpoint, s3
     env = {"AWS_ENDPOINT_URL": proxy.url}
     result = subprocess.run(
         [sys.executable, "-c", COUPLE_THROUGH, address, proxy.url, config.model_dump_json(), teacher.uri, output.uri],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -90,14 +113,17 @@ def test_a_coupling_is_written_and_read_through_a_flaky_endpoint(s3_endpoint, s3
     shards = {key.split("/")[-1]: data for key, data in objects.items() if "/shard-" in key}
     assert shards == expected  # byte for byte what an undisturbed writer makes
     manifest = json.loads(objects[f"couple/{SUCCESS_FILE}"])
-    assert manifest["shards"] == out["manifest"]["shards"] and manifest["pairs"] == 480
+    assert manifest["details"]["shards"] == out["manifest"]["details"]["shards"]
+    assert manifest["details"]["pairs"] == 480
     print("storage faults (coupling):", dict(proxy.counts))
 
 
 def test_manifests_leases_and_exclusive_creates_through_a_flaky_endpoint(s3_endpoint, s3_bucket, proxy):
     """In this process, through the proxy at 30 %: manifests written and read back, shards
     created exclusively (a retried create whose first attempt landed is not a conflict with
-    itself), leases taken and given back. Dropped-after-forwarding requests are the hard case."""
+    itself), leases taken, proved by a conditional heartbeat (``check``) and given back — every
+    lease change a compare-and-swap whose answer may be lost. Dropped-after-forwarding requests
+    are the hard case."""
     proxy.set_rates(error_rate=0.1, drop_rate=0.15, stall_rate=0.05)
     proxy.stall_seconds = 0.2
     rounds = 5
@@ -105,32 +131,39 @@ def test_manifests_leases_and_exclusive_creates_through_a_flaky_endpoint(s3_endp
         root = location(s3_bucket).join("flaky")
         for i in range(rounds):
             stage = root.join(f"stage-{i}")
-            lease = Lease(stage, f"run-{i}", ttl=30, grace=0.05)
+            lease = Lease(stage, f"run-{i}", ttl=30)
             lease.acquire(wait=False)
+            assert lease.generation == 1
             data = bytes([i]) * (1000 + i)
             stage.join(shard_name(0)).create_bytes(data)  # True, or False when a retried create found its own object
             assert stage.join(shard_name(0)).read_bytes() == data
             assert not stage.join(shard_name(0)).create_bytes(b"other")
-            write_manifest(stage, {"round": i, "shards": [shard_name(0)]})
-            assert read_manifest(stage)["round"] == i
+            for _ in range(3):
+                lease.check()  # a replace If-Match whose answer was lost is recognised as our own write
+            fake_manifest(stage, "couple", f"stage{i}", {"round": i, "shards": [shard_name(0)]})
+            assert read_manifest(stage).details["round"] == i
             lease.release()
     assert proxy.faults >= 10, proxy.counts
     objects = bucket_keys(s3_endpoint, "rectiflow-test", "flaky/")
     for i in range(rounds):
         assert objects[f"flaky/stage-{i}/{shard_name(0)}"] == bytes([i]) * (1000 + i)
-        assert json.loads(objects[f"flaky/stage-{i}/{SUCCESS_FILE}"])["round"] == i
-        assert f"flaky/stage-{i}/_LEASE.json" not in objects
+        assert json.loads(objects[f"flaky/stage-{i}/{SUCCESS_FILE}"])["details"]["round"] == i
+        assert f"flaky/stage-{i}/{LEASE_FILE}" not in objects
     print("storage faults (manifests, leases):", dict(proxy.counts))
 
 
-def test_an_endpoint_that_fails_everything_gives_a_clear_error_in_bounded_time(s3_endpoint, s3_bucket, proxy, ray_session):
+def test_an_endpoint_that_fails_everything_gives_a_clear_error_in_bounded_time(
+    s3_endpoint, s3_bucket, proxy, ray_session
+):
     root = location(s3_bucket)
     teacher = make_teacher(root.join("teacher"))
     proxy.set_rates(fail_all=503)
     started = time.monotonic()
     with endpoint(proxy.url, AWS_MAX_ATTEMPTS="3"):
         output = location(s3_bucket).join("couple")
-        with pytest.raises(StorageIOError, match=r"cannot check s3://rectiflow-test/couple/_SUCCESS.json: .*Service Unavailable") as error:
+        with pytest.raises(
+            StorageIOError, match=r"cannot check s3://rectiflow-test/couple/_SUCCESS.json: .*Service Unavailable"
+        ) as error:
             run_coupling_stage(make_config(), teacher, output)
     elapsed = time.monotonic() - started
     assert elapsed < 60, elapsed
@@ -141,16 +174,18 @@ def test_an_endpoint_that_fails_everything_gives_a_clear_error_in_bounded_time(s
 
 
 def test_reading_a_coupling_through_a_flaky_endpoint_verifies_every_shard(s3_endpoint, s3_bucket, proxy):
-    """Coupling.open checks every shard (size, checksum, schema) through the flaky endpoint."""
-    from tests.workflows.helpers import write_coupling
-    from workflows.distributions import sample_by_id, NoiseSpec
-
+    """Every shard checked (size, checksum, schema) and read through the flaky endpoint. By design
+    :meth:`Coupling.open` reads the manifest and one listing only (no shard: the driver reads
+    none); the checks are :meth:`Coupling.check` — what ``verify()`` runs in Ray tasks, which
+    would talk to S3 without the proxy — run here, in this process, through it."""
     x0 = sample_by_id(NoiseSpec(shape=[2]), 1, np.arange(600))
     write_coupling(location(s3_bucket).join("pairs"), x0, x0 + 1, shard_size=50)
     proxy.set_rates(**FLAKY)
     proxy.stall_seconds = 0.2
     with endpoint(proxy.url):
         coupling = Coupling.open(location(s3_bucket).join("pairs"))
+        for entry in coupling.shards:
+            coupling.check(entry)
         ids = np.concatenate([coupling.read(entry)[0] for entry in coupling.shards])
     assert ids.tolist() == list(range(600))
     assert proxy.faults >= 5, proxy.counts

@@ -1,6 +1,7 @@
 """The pipeline file is validated completely, before anything runs, with one line per bad field."""
 
 import copy
+import glob
 import os
 
 import pytest
@@ -42,6 +43,7 @@ def mutate(path: str, value):
         else:
             target[last] = value
         return document
+
     return apply
 
 
@@ -74,7 +76,10 @@ BAD = [
     (mutate("pi0", {"kind": "pictures"}), "pi0: Input tag 'pictures' found using 'kind' does not match"),
     (mutate("model", {"kind": "resnet"}), "model.kind: Input should be 'mlp' or 'unet'"),
     (mutate("model.config", {"dim": 2, "widht": 3}), "bad options for model kind 'mlp'"),
-    (mutate("path", "curvy"), "path: Input should be 'straight', 'vp' or 'subvp'"),
+    (mutate("path", "curvy"), "path: Input should be 'straight', 'vp', 'subvp' or 'vp_const'"),
+    (mutate("distill.0", {"k": 1}), "give exactly one of from_round (a reflow round) or from_baseline"),
+    (mutate("distill.0", {"from_baseline": "vp"}), "from_baseline vp is not in baselines []"),
+    (mutate("baselines", ["vp", "vp"]), "baselines repeat"),
     (mutate("time_sampler", {"name": "beta"}), "unknown time sampler 'beta'"),
     (mutate("couple.pairs", 0), "couple.pairs: Input should be greater than 0"),
     (mutate("couple.shard_size", 50000), "couple: shard_size (50000) is larger than pairs (20000)"),
@@ -89,7 +94,10 @@ BAD = [
     (mutate("evaluate.samplers", []), "evaluate.samplers: list at least one sampler"),
     (mutate("evaluate.samplers", ["euler@0"]), "evaluate.samplers: solver 'euler@0': euler needs steps >= 1"),
     (mutate("evaluate.samplers", ["sde@100"]), "evaluate.samplers: ['sde@100'] need pi0 to be Gaussian noise"),
-    (mutate("evaluate.classifier", {"steps": 10}), "evaluate.classifier: measures images, but pi1 is not of kind images"),
+    (
+        mutate("evaluate.classifier", {"steps": 10}),
+        "evaluate.classifier: measures images, but pi1 is not of kind images",
+    ),
     (mutate("pi1", {"kind": "images", "shape": [2]}), "shape must be"),
     (mutate("pi1", {"kind": "images", "shape": [1, 8, 8]}), "give exactly one of uri"),
     (mutate("evaluate.samples", 1), "evaluate.samples: Input should be greater than 1"),
@@ -100,7 +108,9 @@ BAD = [
 @pytest.mark.parametrize("change, message", BAD, ids=[message[:40] for _, message in BAD])
 def test_malformed_pipelines_name_the_field(change, message, tmp_path):
     document = change(copy.deepcopy(base()))
-    document["storage"] = document.get("storage", str(tmp_path)) if "storage" in str(message) else str(tmp_path / "store")
+    document["storage"] = (
+        document.get("storage", str(tmp_path)) if "storage" in str(message) else str(tmp_path / "store")
+    )
     with pytest.raises(ConfigError) as error:
         parse_pipeline(document, source="pipeline.yaml")
     assert message in str(error.value)
@@ -145,3 +155,77 @@ def test_bad_overrides():
         load_pipeline(TOY, ["train.steps.x=3"])
     with pytest.raises(ConfigError, match="distill.4.k: 4 is not an index of a list of 3"):
         load_pipeline(TOY, ["distill.4.k=3"])
+
+
+def test_the_identity_rule_leaves_out_exactly_the_neutral_fields():
+    """Every field counts toward a stage's hash unless it is declared neutral (resources, logging,
+    checkpoint cadence); nested settings follow the same rule."""
+    from workflows.plan import build_plan
+    from workflows.settings import TrainSettings
+    from workflows.settings.base import _NEUTRAL
+
+    neutral = {
+        name for name, field in TrainSettings.model_fields.items() if (field.json_schema_extra or {}).get(_NEUTRAL)
+    }
+    assert neutral == {"cpus_per_worker", "checkpoint_every", "max_failures", "log_every"}
+    assert set(TrainSettings().identity()) == set(TrainSettings.model_fields) - neutral
+    assert set(TrainSettings().identity()["input"]) == {"window_mb"}  # the shuffle window decides the order
+    plans = {
+        key: build_plan(load_pipeline(TOY, [f"{key}"]))
+        for key in (
+            "train.log_every=7",
+            "train.cpus_per_worker=3",
+            "couple.workers=1",
+            "evaluate.workers=2",
+            "train.input.readers=3",
+            "train.lr=0.002",
+            "couple.solver=euler@3",
+        )
+    }
+    base = build_plan(load_pipeline(TOY))
+    for key in (
+        "train.log_every=7",
+        "train.cpus_per_worker=3",
+        "couple.workers=1",
+        "evaluate.workers=2",
+        "train.input.readers=3",
+    ):
+        assert plans[key].key == base.key, key  # resources and logging never change what runs
+    assert plans["train.lr=0.002"].stages["train-1"].hash != base.stages["train-1"].hash
+    changed = {
+        name for name, stage in plans["couple.solver=euler@3"].stages.items() if stage.hash != base.stages[name].hash
+    }
+    assert "train-1" not in changed and {"couple-1", "train-2", "report"} <= changed
+
+
+def test_micro_batches_below_the_floor_warn_on_gpus():
+    from workflows.config import config_warnings
+
+    assert config_warnings(load_pipeline(TOY)) == []  # CPU only
+    lsun = os.path.join(os.path.dirname(TOY), "lsun_church256.yaml")
+    small = load_pipeline(lsun, ["train.workers=64", "train.batch_size=64", "train.gpus_per_worker=1"])
+    warnings = config_warnings(small)
+    assert warnings and "a micro-batch of 1 per GPU" in warnings[0] and "below 16" in warnings[0]
+    shipped = glob.glob(os.path.join(os.path.dirname(TOY), "*.yaml"))
+    assert len(shipped) >= 10
+    for path in shipped:  # every shipped config keeps its GPUs at 16 examples or more
+        assert config_warnings(load_pipeline(path)) == [], path
+    scaled = load_pipeline(lsun, ["train.workers=64", "train.batch_size=1024"])
+    assert scaled.train.micro_batch == 16 and config_warnings(scaled) == []
+
+
+@pytest.mark.parametrize("command", ["validate", "status", "report"])
+def test_the_front_door_imports_neither_ray_nor_torch(command, tmp_path):
+    """``rectiflow validate``, ``status`` and ``report`` work from storage and the file alone."""
+    import subprocess
+    import sys
+
+    argument = TOY if command == "validate" else str(tmp_path)
+    script = (
+        "import sys\n"
+        "from workflows.cli import main\n"
+        f"code = main([{command!r}, {argument!r}])\n"
+        "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

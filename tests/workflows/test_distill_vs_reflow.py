@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workflows.config import load_pipeline
+from workflows.manifest import read_manifest
 from workflows.pipeline import PipelineRun
 from workflows.plan import build_plan
 from workflows.report import load_run
@@ -28,7 +29,7 @@ def _one_step(evaluation) -> tuple[float, np.ndarray]:
 def test_random_pairs_collapse_and_reflow_pairs_do_not(ray_session, tmp_path):
     plan = build_plan(load_pipeline(CONFIG, storage=str(tmp_path / "runs")))
     PipelineRun(plan).run()
-    evaluations = {e.stage.name: e for e in load_run(plan.run).evaluations}
+    evaluations = {e.stage.name: e for e in load_run(plan.document_location).evaluations}
     w2_flow, _ = _one_step(evaluations["eval-train-1"])
     w2_reflow, reflow = _one_step(evaluations["eval-distill-1"])
     w2_random, random = _one_step(evaluations["eval-distill-1-random"])
@@ -42,6 +43,7 @@ def test_random_pairs_collapse_and_reflow_pairs_do_not(ray_session, tmp_path):
     assert w2_reflow < w2_flow, (w2_reflow, w2_flow)
 
     report = plan.stages["report"].output
-    assert report.join("figure-one-step.png").exists()
-    metrics = pq.read_table(report.join("metrics.parquet").uri)
+    files = read_manifest(report).details["files"]
+    assert report.join(files["html"]).parent.join("figure-one-step.png").exists()
+    metrics = pq.read_table(report.join(files["metrics"]).path)
     assert {"distill-1", "distill-1-random"} <= set(pc.unique(metrics["model"]).to_pylist())

@@ -21,20 +21,13 @@ from tests.workflows.helpers import (
     toy_flows,
     write_teacher,
 )
-from workflows.distributions import NoiseSpec, sample_by_id
-from workflows.stage import PROGRESS_FILE, SUCCESS_FILE
+from workflows.distributions import sample_by_id
+from workflows.eval_files import INDEPENDENT, METRIC_COLUMNS, read_table
+from workflows.manifest import SUCCESS_FILE
+from workflows.settings import EvalConfig, EvalSettings, EvalSubject, NoiseSpec, stage_hash
+from workflows.stage import PROGRESS_FILE
 from workflows.stages import evaluate
-from workflows.stages.evaluate import (
-    INDEPENDENT,
-    METRIC_COLUMNS,
-    EvalConfig,
-    EvalError,
-    EvalSettings,
-    EvalSubject,
-    eval_stage_hash,
-    read_table,
-    run_eval_stage,
-)
+from workflows.stages.eval_worker import EvalError
 from workflows.storage import location
 
 SHIFT = (20.0, 0.0)  # π1 of the toy is π0 moved by exactly this
@@ -43,6 +36,7 @@ SUBJECT = EvalSubject(name="train-1", label="1-RF", family="rectified", round=1)
 
 def config(**overrides) -> EvalConfig:
     values = dict(
+        subject=SUBJECT,
         pi0=TOY_PI0,
         pi1=TOY_PI1,
         samplers=["euler@1", "euler@4", "rk45@1e-3"],
@@ -55,8 +49,29 @@ def config(**overrides) -> EvalConfig:
     return EvalConfig(**{**values, **overrides})
 
 
+def run_eval_stage(settings: EvalConfig, subject: EvalSubject, model, output, teacher=None):
+    """The evaluation of ``model`` by ``settings`` for ``subject`` (its teacher when distilled)."""
+    inputs = {"model": model, **({"teacher": teacher} if teacher else {})}
+    return evaluate.run(settings.model_copy(update={"subject": subject}), inputs, output)
+
+
+def stage_file(output, name: str):
+    """A file of a finished evaluation, where its manifest says it is."""
+    from workflows.manifest import read_manifest
+
+    return output.join(read_manifest(output).details["files"][name]["path"])
+
+
 def rows_by_sampler(output) -> dict[str, dict]:
-    return {row["sampler"]: row for row in read_table(output.join("metrics.parquet")).to_pylist()}
+    return {row["sampler"]: row for row in read_table(stage_file(output, "metrics.parquet")).to_pylist()}
+
+
+def eval_stage_hash(settings: EvalConfig, subject: EvalSubject, model_hash: str) -> str:
+    return stage_hash("eval", settings.model_copy(update={"subject": subject}).identity(), {"model": model_hash})
+
+
+def _blocks_of(samples: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, samples)) for start in range(0, samples, size)]
 
 
 def test_a_constant_field_gives_the_closed_forms(storage_root, ray_session):
@@ -83,29 +98,25 @@ def test_a_constant_field_gives_the_closed_forms(storage_root, ray_session):
     assert (rows["euler@1"]["nfe_mean"], rows["euler@4"]["nfe_max"]) == (1.0, 4)
     assert 2 < rows["rk45@0.001"]["nfe_mean"] <= rows["rk45@0.001"]["nfe_max"]
     # the independent pairs (Z0, X1 ~ π1): the seed talk's random pairing, about 1.06 and 46 %
-    assert 1.03 < manifest["independent"]["pairing_ratio"] < 1.09
-    assert 40 < manifest["independent"]["crossing_pct"] < 52
+    details = manifest.details
+    assert 1.03 < details["independent"]["pairing_ratio"] < 1.09
+    assert 40 < details["independent"]["crossing_pct"] < 52
 
-    assert manifest["hash"] == eval_stage_hash(settings, SUBJECT, "constantfield")
-    assert manifest["inputs"]["model"] == {"uri": model.uri, "hash": "constantfield"}
-    assert [row["sampler"] for row in manifest["rows"]] == list(rows)
-    assert manifest["solvers"] == ["euler@1", "euler@4", "rk45@0.001"]
-    assert set(output.list_names()) == {
-        "metrics.parquet",
-        "samples.parquet",
-        "trajectories.parquet",
-        PROGRESS_FILE,
-        SUCCESS_FILE,
-    }
-    assert output.join(PROGRESS_FILE).read_json()["done"] == 3
-    assert list(read_table(output.join("metrics.parquet")).column_names) == list(METRIC_COLUMNS)
-    paths = read_table(output.join("trajectories.parquet")).to_pandas()
+    assert manifest.hash == eval_stage_hash(settings, SUBJECT, "constantfield")
+    assert manifest.inputs["model"] == {"uri": model.uri, "hash": "constantfield"}
+    assert [row["sampler"] for row in details["rows"]] == list(rows)
+    assert details["solvers"] == ["euler@1", "euler@4", "rk45@0.001"]
+    assert set(output.list_names()) == {"attempt-0", PROGRESS_FILE, SUCCESS_FILE}
+    assert {"metrics.parquet", "samples.parquet", "trajectories.parquet"} <= set(output.join("attempt-0").list_names())
+    assert output.join(PROGRESS_FILE).read_json()["done"] == 2  # blocks of 256 ids: [0, 256), [256, 300)
+    assert list(read_table(stage_file(output, "metrics.parquet")).column_names) == list(METRIC_COLUMNS)
+    paths = read_table(stage_file(output, "trajectories.parquet")).to_pandas()
     assert paths.groupby("sampler").size()["euler@4"] == 8 * 5  # 8 paths of 5 states
     assert sorted(paths.loc[paths["sampler"] == "euler@4", "t"].unique().tolist()) == [0.0, 0.25, 0.5, 0.75, 1.0]
 
     model.delete()  # a finished evaluation is returned without touching its model
     assert run_eval_stage(settings, SUBJECT, model, output) == manifest
-    with pytest.raises(EvalError, match=r"finished evaluation of another configuration \(seed: 1234 there vs 7 here\)"):
+    with pytest.raises(EvalError, match=r"finished eval stage of another configuration \(seed: 1234 there vs 7 here\)"):
         run_eval_stage(config(seed=7), SUBJECT, model, output)
 
 
@@ -114,26 +125,28 @@ def test_numbers_do_not_depend_on_workers_or_blocks(tmp_path, ray_session, monke
     model = root.join("train-1")
     write_teacher(model, random_mlp())
     run_eval_stage(config(workers=1, trajectories=100), SUBJECT, model, root.join("one"))
-    monkeypatch.setattr(evaluate, "BLOCK_IDS", 64)  # the driver cuts the items; a block may hold only paths
+    monkeypatch.setattr(
+        evaluate, "_blocks", lambda samples, size: _blocks_of(samples, 64)
+    )  # a block may hold only paths
     run_eval_stage(config(workers=2, trajectories=100), SUBJECT, model, root.join("two"))
 
     timing = ["wall_seconds", "cpu_seconds", "gpu_seconds"]
-    one = read_table(root.join("one", "metrics.parquet")).to_pandas().drop(columns=timing)
-    two = read_table(root.join("two", "metrics.parquet")).to_pandas().drop(columns=timing)
+    one = read_table(stage_file(root.join("one"), "metrics.parquet")).to_pandas().drop(columns=timing)
+    two = read_table(stage_file(root.join("two"), "metrics.parquet")).to_pandas().drop(columns=timing)
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     for name in ("samples.parquet", "trajectories.parquet"):
-        assert read_table(root.join("one", name)).equals(read_table(root.join("two", name)))
-    paths = read_table(root.join("two", "trajectories.parquet")).to_pandas()
+        assert read_table(stage_file(root.join("one"), name)).equals(read_table(stage_file(root.join("two"), name)))
+    paths = read_table(stage_file(root.join("two"), "trajectories.parquet")).to_pandas()
     assert paths.groupby("sampler")["id"].nunique().to_dict() == {"euler@1": 100, "euler@4": 100, "rk45@0.001": 100}
     # Z1 is what generate_pairs gives for the whole batch at once
-    samples = pd.read_parquet(root.join("two", "samples.parquet").path)
+    samples = pd.read_parquet(stage_file(root.join("two"), "samples.parquet").path)
     x0 = sample_by_id(TOY_PI0, 1234, np.arange(300))
     for name in ("euler@4", "rk45@0.001"):
         stored = np.stack(samples.loc[samples["sampler"] == name, "x1"].to_list())
         expected = generate_pairs(random_mlp(), Solver.parse(name), x0).x1.numpy()
         np.testing.assert_array_equal(stored, expected)
     count, ids = duckdb.sql(
-        f"SELECT count(*), count(DISTINCT id) FROM '{root.join('two', 'samples.parquet').path}' "
+        f"SELECT count(*), count(DISTINCT id) FROM '{stage_file(root.join('two'), 'samples.parquet').path}' "
         f"WHERE sampler = '{INDEPENDENT}'"
     ).fetchall()[0]
     assert (count, ids) == (300, 300)
@@ -150,8 +163,8 @@ def test_two_rounds_order_as_in_the_paper(tmp_path, ray_session):
         write_teacher(root.join(f"train-{k}"), model, stage_hash=f"round{k}")
         subject = EvalSubject(name=f"train-{k}", label=f"{k}-RF", family="rectified", round=k)
         manifest = run_eval_stage(settings, subject, root.join(f"train-{k}"), root.join(f"eval-{k}"))
-        rows[k] = {row["sampler"]: row for row in manifest["rows"]}
-        rows[k]["independent"] = manifest["independent"]
+        rows[k] = {row["sampler"]: row for row in manifest.details["rows"]}
+        rows[k]["independent"] = manifest.details["independent"]
 
     one_step, fine = "euler@1", "rk45@0.001"
     assert rows[2][one_step]["one_step_distance"] < 0.3 * rows[1][one_step]["one_step_distance"]
@@ -169,9 +182,9 @@ def test_two_rounds_order_as_in_the_paper(tmp_path, ray_session):
 @pytest.mark.parametrize(
     "spoil, shape, message",
     [
-        (lambda model: model.delete(), [2], r"model .* cannot be loaded: .*not finished"),
+        (lambda model: model.delete(), [2], r"model .* is not a finished stage"),
         (break_weights, [2], "not a valid safetensors file"),
-        (drop_hash, [2], "has no 'hash'"),
+        (drop_hash, [2], "is not a stage manifest: it has no hash"),
         (lambda model: None, [3], r"takes inputs of shape \[2\], but pi0 draws samples of shape \[3\]"),
     ],
 )
@@ -236,9 +249,9 @@ def test_sde_samplers_do_not_depend_on_workers_or_blocks(tmp_path, ray_session, 
     gaussian = NoiseSpec(shape=[2])
     settings = dict(pi0=gaussian, samplers=["euler@4", "sde@4", "sde@4:0"], reference_solver="euler@4", trajectories=0)
     run_eval_stage(config(workers=1, **settings), SUBJECT, model, root.join("one"))
-    monkeypatch.setattr(evaluate, "BLOCK_IDS", 64)
+    monkeypatch.setattr(evaluate, "_blocks", lambda samples, size: _blocks_of(samples, 64))
     run_eval_stage(config(workers=2, **settings), SUBJECT, model, root.join("two"))
-    one, two = (pd.read_parquet(root.join(name, "samples.parquet").path) for name in ("one", "two"))
+    one, two = (pd.read_parquet(stage_file(root.join(name), "samples.parquet").path) for name in ("one", "two"))
     pd.testing.assert_frame_equal(one, two, check_exact=True)
     ends = {name: np.stack(one.loc[one["sampler"] == name, "x1"].to_list()) for name in ("euler@4", "sde@4", "sde@4:0")}
     np.testing.assert_array_equal(ends["sde@4:0"], ends["euler@4"])
@@ -249,4 +262,32 @@ def test_sde_samplers_do_not_depend_on_workers_or_blocks(tmp_path, ray_session, 
     reflow = EvalSubject(name="train-2", label="2-RF", family="rectified", round=2)
     manifest = run_eval_stage(config(workers=1, **settings), reflow, model, root.join("reflow"))
     assert list(rows_by_sampler(root.join("reflow"))) == ["euler@4"]
-    assert set(manifest["skipped_samplers"]) == {"sde@4", "sde@4:0"}
+    assert set(manifest.details["skipped_samplers"]) == {"sde@4", "sde@4:0"}
+
+
+def test_rows_equal_a_plain_in_process_evaluation(tmp_path, ray_session):
+    """The stage computes nothing differently from a plain loop over all M samples in one process
+    (the evaluation as it was before it moved into workers): every number agrees to float
+    summation order (relative 1e-12) — the workers only change where the work happens."""
+    from rf.metrics import coupling_metrics, straightness_per_sample, vector_quality
+
+    first, _, _ = toy_flows()
+    root = location(str(tmp_path))
+    write_teacher(root.join("train-1"), first, stage_hash="round1")
+    settings = config(samples=400, ot_samples=200, samplers=["euler@1", "euler@4"], trajectories=0)
+    manifest = run_eval_stage(settings, SUBJECT, root.join("train-1"), root.join("eval"))
+    ids = np.arange(400)
+    x0 = sample_by_id(TOY_PI0, settings.seed, ids)
+    reference = sample_by_id(TOY_PI1, settings.seed + 1, ids)
+    fine = generate_pairs(first, Solver.parse("rk45@1e-3"), x0).x1
+    assert manifest.details["independent"] == pytest.approx(coupling_metrics(x0, reference, 200), rel=1e-12)
+    for row in manifest.details["rows"]:
+        solution = Solver.parse(row["sampler"]).solve(lambda x, t: first(x, t), x0, return_trajectory=True)
+        x1 = solution.x.detach()
+        expected = {
+            **coupling_metrics(x0, x1, 200),
+            **vector_quality(x1[:200], reference[:200]),
+            "straightness": float(straightness_per_sample(solution.trajectory).double().mean()),
+            "one_step_distance": float((x1.double() - fine.double()).norm(dim=1).mean()),
+        }
+        assert {key: row[key] for key in expected} == pytest.approx(expected, rel=1e-12, abs=1e-12), row["sampler"]

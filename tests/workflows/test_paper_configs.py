@@ -14,11 +14,12 @@ from rf.models import build_model
 from rf.paths import make_path
 from rf.training import VelocityTrainer
 from workflows.config import load_pipeline
-from workflows.distributions import ImagesSpec, NoiseSpec, sample_by_id
+from workflows.distributions import sample_by_id
 from workflows.images import import_images
-from workflows.pair_stream import IndependentSource
-from workflows.stage import SUCCESS_FILE
-from workflows.stages.train import StageInputError, TrainConfig, run_train_stage
+from workflows.manifest import SUCCESS_FILE
+from workflows.settings import ImagesSpec, IndependentPairs, NoiseSpec, TrainConfig
+from workflows.stage import StageInputError
+from workflows.stages import train as train_stage
 from workflows.storage import location
 from workflows.weights import load_stage_model
 
@@ -42,25 +43,34 @@ def _tiny(uri: str, workers: int = 1) -> list[str]:
         "train.cpus_per_worker=1",
         "train.warmup_steps=1",
         "train.checkpoint_every=3",
-        "train.data_buffer_mb=64",
+        "train.input.buffer_mb=64",
     ]
 
 
 def _random_images(tmp_path: Path, resolution: int, count: int = 8) -> str:
-    """``count`` random RGB images imported as a dataset; returns its URI."""
+    """``count`` random RGB images imported as a dataset in shards of 2 (a shard for every train
+    worker of the tests); returns its URI."""
     array = np.random.default_rng(resolution).integers(0, 256, (count, resolution, resolution, 3), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", images=array)
     destination = str(tmp_path / f"images{resolution}")
-    import_images(str(tmp_path / "images.npz"), destination, resolution=resolution, channels=3, parallel=False, progress=None)
+    import_images(
+        str(tmp_path / "images.npz"), destination, resolution=resolution, channels=3, shard_size=2, parallel=False
+    )
     return destination
 
 
-def _first_round(config) -> tuple[TrainConfig, IndependentSource]:
-    """The first training stage's config and data, as the pipeline builds them."""
+def _first_round(config) -> TrainConfig:
+    """The first training stage's config, as the pipeline builds it (its data: independent pairs)."""
     settings = config.round_settings(1)
-    train = TrainConfig(model=config.model, path=config.path, time_sampler=config.time_sampler, seed=config.seed,
-                        **settings.model_dump())
-    return train, IndependentSource(config.pi0, config.pi1, 1, 2)
+    data = IndependentPairs(pi0=config.pi0, pi1=config.pi1, seed0=1, seed1=2)
+    return TrainConfig(
+        model=config.model,
+        path=config.path,
+        time_sampler=config.time_sampler,
+        seed=config.seed,
+        data=data,
+        **settings.model_dump(),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -81,8 +91,11 @@ def test_paper_config_validates_as_shipped(name, tmp_path):
         assert config.train.batch_size == 128 and config.train.ema_decay == 0.999999
         assert config.couple.pairs == 4_000_000
     else:
-        assert config.model.config["channel_mult"] == [1, 1, 2, 2, 2, 2, 2] and config.model.config["num_res_blocks"] == 2
-        assert config.train.workers == 8 and config.train.batch_size == 64
+        assert (
+            config.model.config["channel_mult"] == [1, 1, 2, 2, 2, 2, 2] and config.model.config["num_res_blocks"] == 2
+        )
+        assert config.train.workers == 4 and config.train.batch_size == 64 and config.train.micro_batch == 16
+        assert config.train.input.cpus == 4 and config.train.input.window_mb == 1024
 
 
 THROUGH_RAY = ("cifar10", "celebahq256")
@@ -94,11 +107,18 @@ run their steps in process (the stage machinery is the same for all of them)."""
 def test_paper_config_builds_and_steps_in_process(name, tmp_path):
     images = _random_images(tmp_path, PAPER[name])
     config = load_pipeline(CONFIGS / f"{name}.yaml", overrides=_tiny(images), storage=str(tmp_path / "runs"))
-    train, data = _first_round(config)
+    train = _first_round(config)
+    data = train.data
     model = build_model(config.model.kind, config.model.config)
-    trainer = VelocityTrainer(model, make_path(train.path), lr=train.lr, warmup_steps=train.warmup_steps,
-                              ema_decay=train.ema_decay, grad_accumulation=train.grad_accumulation,
-                              channels_last=train.channels_last)
+    trainer = VelocityTrainer(
+        model,
+        make_path(train.path),
+        lr=train.lr,
+        warmup_steps=train.warmup_steps,
+        ema_decay=train.ema_decay,
+        grad_accumulation=train.grad_accumulation,
+        channels_last=train.channels_last,
+    )
     ids = np.arange(train.batch_size)
     for step in range(train.steps):
         x0, x1 = (sample_by_id(spec, seed, ids + step * len(ids)) for spec, seed in ((data.pi0, 1), (data.pi1, 2)))
@@ -113,12 +133,12 @@ def test_paper_config_trains_a_few_steps_at_a_tiny_size(name, ray_session, tmp_p
     images = _random_images(tmp_path, PAPER[name])
     workers = 2 if name == "cifar10" else 1  # DDP with no_sync() on the first micro-batch
     config = load_pipeline(CONFIGS / f"{name}.yaml", overrides=_tiny(images, workers), storage=str(tmp_path / "runs"))
-    train, data = _first_round(config)
+    train = _first_round(config)
     assert train.micro_batch == 2 and train.channels_last and train.workers == workers
     output = location(str(tmp_path / "runs")).join(config.name, "train-1")
-    manifest = run_train_stage(train, output, data)
-    assert manifest["steps"] == 3 and manifest["examples_seen"] == 3 * 4 * workers
-    assert np.isfinite(manifest["final_loss"])
+    details = train_stage.run(train, {}, output).details
+    assert details["steps"] == 3 and details["examples_seen"] == 3 * 4 * workers
+    assert np.isfinite(details["final_loss"])
     model, _ = load_stage_model(output)
     assert model.config()["channel_mult"] == config.model.config["channel_mult"]
     assert model.config()["resolution"] == PAPER[name]
@@ -131,7 +151,9 @@ def _lpips_weights() -> dict:
 
     torch.manual_seed(0)
     state = {k: v for k, v in LPIPS().state_dict().items() if k not in ("shift", "scale")}
-    return {k: (torch.rand(v.shape) + 0.1 if k.startswith("lin") else torch.randn(v.shape) * 0.05) for k, v in state.items()}
+    return {
+        k: (torch.rand(v.shape) + 0.1 if k.startswith("lin") else torch.randn(v.shape) * 0.05) for k, v in state.items()
+    }
 
 
 def test_lpips_distillation_reads_its_weights_from_storage_and_trains(ray_session, s3_bucket, tmp_path):
@@ -143,17 +165,27 @@ def test_lpips_distillation_reads_its_weights_from_storage_and_trains(ray_sessio
     overrides = [*_tiny(images), f"distill.0.train.loss.weights={weights}", "distill.0.train.loss.options.resize=0"]
     config = load_pipeline(CONFIGS / "cifar10.yaml", overrides=overrides, storage=str(tmp_path / "runs"))
     settings = config.distill_settings(config.distill[0])
-    train = TrainConfig(model=config.model, time_sampler={"name": "grid", "options": {"k": 1}}, seed=1,
-                        **{**settings.model_dump(), "steps": 2, "checkpoint_every": 2})
+    data = IndependentPairs(pi0=config.pi0, pi1=config.pi1, seed0=1, seed1=2)
+    train = TrainConfig(
+        model=config.model,
+        time_sampler={"name": "grid", "options": {"k": 1}},
+        seed=1,
+        data=data,
+        **{**settings.model_dump(), "steps": 2, "checkpoint_every": 2},
+    )
     assert train.loss.name == "lpips"
     output = location(str(tmp_path / "distill"))
-    manifest = run_train_stage(train, output, IndependentSource(config.pi0, config.pi1, 1, 2))
-    assert manifest["steps"] == 2 and np.isfinite(manifest["final_loss"]) and manifest["final_loss"] > 0
+    details = train_stage.run(train, {}, output).details
+    assert details["steps"] == 2 and np.isfinite(details["final_loss"]) and details["final_loss"] > 0
 
-    missing = TrainConfig(**{**train.model_dump(), "loss": {"name": "lpips", "weights": f"{s3_bucket}/weights/none.safetensors"}})
+    missing = TrainConfig(
+        **{**train.model_dump(), "loss": {"name": "lpips", "weights": f"{s3_bucket}/weights/none.safetensors"}}
+    )
     elsewhere = location(str(tmp_path / "never"))
-    with pytest.raises(StageInputError, match="loss.weights: cannot read the LPIPS weights at s3://rectiflow-test/weights/none"):
-        run_train_stage(missing, elsewhere, IndependentSource(config.pi0, config.pi1, 1, 2))
+    with pytest.raises(
+        StageInputError, match="loss.weights: cannot read the LPIPS weights at s3://rectiflow-test/weights/none"
+    ):
+        train_stage.run(missing, {}, elsewhere)
     assert not elsewhere.exists() and not elsewhere.join(SUCCESS_FILE).exists()
 
 

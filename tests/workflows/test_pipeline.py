@@ -14,10 +14,10 @@ import pytest
 from tests.workflows.pipeline_helpers import TINY, metrics_of, rectiflow, stage_times
 from workflows.config import load_pipeline
 from workflows.lease import Lease
+from workflows.manifest import SUCCESS_FILE
 from workflows.pipeline import CACHED, DONE, PipelineRun
 from workflows.plan import build_plan
-from workflows.stage import SUCCESS_FILE
-from workflows.storage import location
+
 
 @pytest.fixture(scope="module")
 def clean_run(ray_session, s3_endpoint):
@@ -35,16 +35,23 @@ def test_the_toy_pipeline_runs_end_to_end_on_s3(clean_run):
     plan, pipeline, report = clean_run
     assert [status.state for status in pipeline.statuses.values()] == [DONE] * len(plan.stages)
     assert list(plan.stages) == [
-        "train-1", "couple-1", "train-2", "couple-2", "distill-2",
-        "eval-train-1", "eval-train-2", "eval-distill-2", "report",
+        "train-1",
+        "couple-1",
+        "train-2",
+        "couple-2",
+        "distill-2",
+        "eval-train-1",
+        "eval-train-2",
+        "eval-distill-2",
+        "report",
     ]
     for stage in plan.stages.values():
         assert stage.output.join(SUCCESS_FILE).exists(), stage.name
         assert stage.output.uri.startswith("s3://pipeline-clean/runs/tiny/")
-    html = location(report["files"]["html"])
+    html = plan.stages["report"].output.join(report.details["files"]["html"])
     assert html.exists() and b"<table" in html.read_bytes()
-    document = plan.run.join("pipeline.json").read_json()
-    assert [s["name"] for s in document["stages"]] == list(plan.stages)
+    document = plan.document_location.read_json()
+    assert [s["name"] for s in document["stages"]] == list(plan.stages) and document["key"] == plan.key
 
 
 def test_a_rerun_skips_every_finished_stage(clean_run):
@@ -83,10 +90,13 @@ def test_status_reads_storage_alone(clean_run):
     plan, _, _ = clean_run
     result = rectiflow("status", plan.run.uri, "--json", env={"RAY_ADDRESS": "127.0.0.1:1"})
     assert result.returncode == 0, result.stderr
-    stages = json.loads(result.stdout)["stages"]
+    configurations = json.loads(result.stdout)["configurations"]
+    assert [c["key"] for c in configurations][-1] == plan.key  # the first of the module's configurations
+    stages = next(c for c in configurations if c["key"] == plan.key)["stages"]
     assert [(s["name"], s["state"]) for s in stages] == [(name, "done") for name in plan.stages]
     train = stages[0]["manifest"]
     assert train["kind"] == "train" and train["steps"] == 60 and train["wall_seconds"] > 0
+    assert "60 steps" in train["summary"]
     table = rectiflow("status", plan.run.uri)
     assert "couple-2" in table.stdout and "done" in table.stdout
 
@@ -106,10 +116,43 @@ def test_validate_and_bad_files_on_the_command_line(tmp_path):
     bad = rectiflow("validate", TINY, "--set", "rounds=0")
     assert bad.returncode == 2 and "rounds: Input should be greater than or equal to 1" in bad.stderr
     missing = rectiflow("status", str(tmp_path / "nothing"))
-    assert missing.returncode == 1 and "has no pipeline.json" in missing.stderr
+    assert missing.returncode == 1 and "has no run document" in missing.stderr
 
 
 def test_the_package_installs_the_command():
-    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "rectiflow"), "--help"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "rectiflow"), "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "submit" in result.stdout
+
+
+def test_the_python_api_runs_inside_an_existing_ray_job(ray_session, tmp_path):
+    """``import rectiflow``: validate a mapping, plan, and run on the Ray the caller connected,
+    without touching the caller's Ray Data context."""
+    import yaml
+    from ray.data import DataContext
+
+    import rectiflow
+    from tests.workflows.pipeline_helpers import ONE_ROUND
+    from workflows.config import ConfigError
+
+    with open(TINY) as handle:
+        document = yaml.safe_load(handle)
+    with pytest.raises(ConfigError, match="rounds: Input should be greater than or equal to 1"):
+        rectiflow.validate({**document, "rounds": 0})
+    plan = rectiflow.plan(document, overrides=ONE_ROUND, storage=str(tmp_path / "runs"))
+    assert list(plan.stages) == ["train-1", "eval-train-1", "report"]
+    context = DataContext.get_current()
+    before = (context.enable_progress_bars, context.raise_original_map_exception)
+    manifest = rectiflow.run(plan)
+    assert manifest.kind == "report" and manifest.hash == plan.stages["report"].hash
+    assert (context.enable_progress_bars, context.raise_original_map_exception) == before
+    assert rectiflow.run(document, ONE_ROUND, str(tmp_path / "runs")) == manifest  # finished: nothing re-runs
+
+
+def test_progress_lines_name_rate_eta_and_loss():
+    from workflows.commands import progress_line
+
+    line = progress_line("train-2", {"done": 1200, "total": 2000, "unit": "steps", "rate": 40.0, "loss": 0.0123}, 62.0)
+    assert line == "train-2: 1200/2000 steps (60%), 40/s, ETA 0:20, loss 0.0123, 1:02 running"
+    assert progress_line("couple-1", None, None) == "couple-1"

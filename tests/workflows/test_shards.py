@@ -8,21 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workflows.distributions import NoiseSpec, ToySpec, sample_by_id
-from workflows.shards import (
-    Coupling,
-    CouplingFormat,
-    ShardEntry,
-    ShardError,
-    decode_shard,
-    encode_shard,
-    inspect_shard,
-    sha256,
-    shard_count,
-    shard_name,
-    shard_range,
-)
-from workflows.stage import write_manifest
+from tests.workflows.helpers import fake_manifest
+from workflows.couplings import Coupling, CouplingFormat, decode_shard, encode_shard, inspect_shard
+from workflows.distributions import sample_by_id
+from workflows.settings import NoiseSpec
+from workflows.shard_format import ShardEntry, ShardError, sha256, shard_count, shard_name, shard_range
 from workflows.storage import location
 
 SHAPE = [2, 3]
@@ -51,13 +41,39 @@ def entry_of(data: bytes, fmt: CouplingFormat, index: int = 0, pairs: int = 12) 
     return inspect_shard(data, fmt, index, pairs, "test")[0]
 
 
+def test_opening_a_coupling_reads_no_shard_and_verify_names_the_bad_one(tmp_path, monkeypatch):
+    """Open reads the manifest and one listing; verify (in Ray tasks when Ray runs) reads every
+    shard: a flipped byte in any one of them is named."""
+    folder, fmt = location(str(tmp_path)), make_format()
+    write_coupling_manifest(folder, fmt, write_coupling(folder, fmt))
+    from workflows.storage import Location
+
+    reads = []
+    original = Location.read_bytes
+    monkeypatch.setattr(Location, "read_bytes", lambda self: reads.append(self.name) or original(self))
+    coupling = Coupling.open(folder)
+    assert [name for name in reads if name.startswith("shard-")] == []
+    monkeypatch.undo()
+    coupling.verify()
+    for index in range(3):
+        whole = folder.join(shard_name(index)).read_bytes()
+        data = bytearray(whole)
+        data[10] ^= 0xFF
+        folder.join(shard_name(index)).write_bytes(bytes(data))
+        with pytest.raises(ShardError, match=rf"{shard_name(index)} does not match the manifest .*checksum mismatch"):
+            coupling.verify()
+        folder.join(shard_name(index)).write_bytes(whole)
+
+
 def test_shard_layout():
     assert shard_name(3) == "shard-000003.parquet"
     assert shard_count(12, 5) == 3 and shard_count(10, 5) == 2
     assert [shard_range(s, 5, 12) for s in range(3)] == [(0, 5), (5, 10), (10, 12)]
 
 
-@pytest.mark.parametrize("dtype, x0_stored", [("float32", True), ("float16", True), ("float16", False), ("uint8", False)])
+@pytest.mark.parametrize(
+    "dtype, x0_stored", [("float32", True), ("float16", True), ("float16", False), ("uint8", False)]
+)
 def test_round_trip(dtype, x0_stored):
     fmt = make_format(dtype=dtype, x0_stored=x0_stored)
     ids, x0, x1, _ = pairs_of(fmt, 2, 12)
@@ -66,7 +82,10 @@ def test_round_trip(dtype, x0_stored):
     assert read_ids.tolist() == [10, 11] and read_x1.shape == (2, *SHAPE)
     tolerance = {"float32": 0.0, "float16": 1e-3, "uint8": 0.5 / 127.5 + 1e-6}[dtype]
     torch.testing.assert_close(read_x1, x1, atol=tolerance, rtol=0)
-    torch.testing.assert_close(read_x0, x0, atol=tolerance if x0_stored else 0.0, rtol=0)
+    if x0_stored:
+        torch.testing.assert_close(read_x0, x0, atol=tolerance, rtol=0)
+    else:
+        assert read_x0 is None  # drawn from (π0, seed, pair id) where the model runs
 
 
 def test_encoding_is_deterministic_and_self_describing():
@@ -116,21 +135,14 @@ def test_inspect_checks_the_footer():
     fmt = make_format()
     data = encoded(fmt, 1)
     entry, nfe = inspect_shard(data, fmt, 1, 12, "s1")
-    assert entry == ShardEntry(1, shard_name(1), 5, 5, sha256(data), len(data))
+    assert entry == ShardEntry(1, shard_name(1), 5, 10, 5, sha256(data), len(data))
     assert nfe == {"nfe_sum": 20, "nfe_max": 4, "nfe_min": 4}
     with pytest.raises(ShardError, match=r"belongs to another coupling \(seed: 7 there vs 8 here"):
         inspect_shard(data, make_format(seed=8), 1, 12, "s1")
     with pytest.raises(ShardError, match="holds shard 1 with 5 rows, expected shard 2 with the 2 pairs"):
         inspect_shard(data, fmt, 2, 12, "s1")
-    with pytest.raises(ShardError, match="s1 is not a readable coupling shard"):
+    with pytest.raises(ShardError, match="s1 is not a readable rectiflow shard"):
         inspect_shard(data[:-100], fmt, 1, 12, "s1")
-
-
-def test_x0_of_a_toy_is_regenerated():
-    fmt = make_format(shape=[2], pi0=ToySpec(name="moons"), x0_stored=False)
-    data = encoded(fmt)
-    ids, x0, _ = decode_shard(data, fmt, entry_of(data, fmt), "test")
-    torch.testing.assert_close(x0, sample_by_id(fmt.pi0, fmt.seed, ids), atol=0, rtol=0)
 
 
 def write_coupling(folder, fmt: CouplingFormat, pairs: int = 12) -> list[ShardEntry]:
@@ -143,8 +155,8 @@ def write_coupling(folder, fmt: CouplingFormat, pairs: int = 12) -> list[ShardEn
 
 
 def write_coupling_manifest(folder, fmt, entries, pairs=12):
-    manifest = {"hash": "c" * 16, "coupling": fmt.model_dump(mode="json"), "pairs": pairs}
-    write_manifest(folder, {**manifest, "shards": [entry.as_dict() for entry in entries]})
+    details = {"format": fmt.model_dump(mode="json"), "pairs": pairs, "shards": [entry.as_dict() for entry in entries]}
+    fake_manifest(folder, "couple", "c" * 16, details)
 
 
 def test_coupling_reads_and_verifies(storage_root):
@@ -159,7 +171,7 @@ def test_coupling_reads_and_verifies(storage_root):
     with pytest.raises(ShardError, match="checksum mismatch"):
         coupling.read(coupling.shards[1])
     folder.join(shard_name(2)).delete()
-    with pytest.raises(ShardError, match="missing shard shard-000002.parquet"):
+    with pytest.raises(ShardError, match="is missing shard shard-000002.parquet"):
         Coupling.open(folder)
 
 
@@ -172,5 +184,7 @@ def test_coupling_refuses_a_manifest_that_does_not_cover_each_id_once(tmp_path, 
     folder, fmt = location(str(tmp_path)), make_format()
     entries = write_coupling(folder, fmt)
     write_coupling_manifest(folder, fmt, layout(entries), pairs=12)
-    with pytest.raises(ShardError, match="not shards 0 … 2 covering pair ids"):
+    with pytest.raises(
+        ShardError, match=r"the shards are not shard-000000.parquet … covering positions \[0, 12\) once each"
+    ):
         Coupling.open(folder)

@@ -14,33 +14,53 @@ from rf.noise import noise
 from rf.paths import StraightPath
 from rf.timesteps import UniformTime
 from tests.workflows.helpers import write_coupling, write_teacher
-from workflows.distributions import NoiseSpec, ToySpec
-from workflows.pair_stream import IndependentSource
-from workflows.shards import ShardError
-from workflows.stage import SUCCESS_FILE
-from workflows.stages.train import ModelSpec, StageInputError, TrainConfig, TrainingStopped, run_train_stage
+from workflows.manifest import SUCCESS_FILE
+from workflows.settings import CoupledPairs, IndependentPairs, ModelSpec, NoiseSpec, ToySpec, TrainConfig
+from workflows.shard_format import ShardError
+from workflows.stage import StageInputError
+from workflows.stages import train
+from workflows.stages.train import TrainingStopped
 from workflows.storage import location
-from workflows.weights import load_stage_model
+from workflows.weights import load_stage_model, model_folder
 
 MLP = ModelSpec(kind="mlp", config={"dim": 2, "width": 64, "depth": 2})
 SHIFT = (3.0, -2.0)
 
 
-def gaussian_to_shifted() -> IndependentSource:
-    return IndependentSource(
-        NoiseSpec(shape=[2]), ToySpec(name="gaussian_mixture", options={"centers": [list(SHIFT)]}), 1, 2
-    )
+GAUSSIAN_TO_SHIFTED = IndependentPairs(
+    pi0=NoiseSpec(shape=[2]), pi1=ToySpec(name="gaussian_mixture", options={"centers": [list(SHIFT)]}), seed0=1, seed1=2
+)
 
 
 def config(**overrides) -> TrainConfig:
-    settings = dict(model=MLP, steps=300, batch_size=128, lr=2e-3, warmup_steps=20, ema_decay=0.99,
-                    workers=2, checkpoint_every=100, log_every=100)
+    settings = dict(
+        model=MLP,
+        steps=300,
+        batch_size=128,
+        lr=2e-3,
+        warmup_steps=20,
+        ema_decay=0.99,
+        workers=2,
+        checkpoint_every=100,
+        log_every=100,
+        data=GAUSSIAN_TO_SHIFTED,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
 
+def run_train_stage(settings: TrainConfig, output, pairs=None, init=None):
+    """Train ``settings`` into ``output``: on independent pairs, or on the coupling at ``pairs``."""
+    inputs = {}
+    if pairs is not None:
+        settings, inputs["coupling"] = settings.model_copy(update={"data": CoupledPairs()}), pairs
+    if init is not None:
+        inputs["init"] = init
+    return train.run(settings, inputs, output)
+
+
 def checkpoints(output):
-    return [name for name in output.join("ray", "train").list_names() if name.startswith("step-")]
+    return [name for name in output.join("attempt-0", "ray", "train").list_names() if name.startswith("step-")]
 
 
 def test_two_workers_reach_the_bayes_optimal_loss_and_checkpoint_to_storage(ray_session, storage_root):
@@ -49,9 +69,9 @@ def test_two_workers_reach_the_bayes_optimal_loss_and_checkpoint_to_storage(ray_
     mean over t ~ U(0, 1) is π/2. A trained model's loss must come close to π/2 and can never
     go below it (beyond sampling noise)."""
     output = location(storage_root).join("run", "train-1")
-    manifest = run_train_stage(config(steps=400, lr=3e-3, ema_decay=0.95), output, gaussian_to_shifted())
-    assert manifest["steps"] == 400 and manifest["examples_seen"] == 400 * 128
-    assert manifest["resumed_at_steps"] == []
+    manifest = run_train_stage(config(steps=400, lr=3e-3, ema_decay=0.95), output)
+    assert manifest.details["steps"] == 400 and manifest.details["examples_seen"] == 400 * 128
+    assert manifest.details["resumed_at_steps"] == []
     model, _ = load_stage_model(output)
     ids = np.arange(10**6, 10**6 + 20000)
     x0, x1 = noise(11, ids, (2,)), noise(12, ids, (2,)) + torch.tensor(SHIFT)
@@ -61,17 +81,16 @@ def test_two_workers_reach_the_bayes_optimal_loss_and_checkpoint_to_storage(ray_
     # 20k samples: the estimate's standard deviation is about 0.015
     assert math.pi / 2 - 0.05 < loss < math.pi / 2 + 0.1
     assert sorted(checkpoints(output))[-1] == "step-00000400"
-    assert {"model.safetensors", "model.json"} <= set(output.join("model").list_names())
+    assert {"model.safetensors", "model.json"} <= set(model_folder(output, manifest).list_names())
     assert output.join(SUCCESS_FILE).exists()
 
 
 def test_rerun_of_a_finished_stage_does_nothing(ray_session, tmp_path):
     output = location(str(tmp_path)).join("train-1")
-    first = run_train_stage(config(steps=20, checkpoint_every=10), output, gaussian_to_shifted())
+    first = run_train_stage(config(steps=20, checkpoint_every=10), output)
     stamp = os.stat(output.join(SUCCESS_FILE).path).st_mtime_ns
-    # a finished stage is not even validated again: a missing warm-start stage goes unnoticed
-    again = run_train_stage(config(steps=20, checkpoint_every=10), output, gaussian_to_shifted(),
-                            init=location(str(tmp_path / "missing")))
+    # a finished stage is returned without reading its inputs
+    again = run_train_stage(config(steps=20, checkpoint_every=10), output)
     assert again == first
     assert os.stat(output.join(SUCCESS_FILE).path).st_mtime_ns == stamp
 
@@ -86,13 +105,15 @@ def test_warm_start_loads_the_previous_weights(ray_session, tmp_path):
     # lr 1e-12 with no EMA averaging: the result is the warm-start weights, to rounding
     manifest = run_train_stage(
         config(model=None, steps=2, lr=1e-12, warmup_steps=0, ema_decay=0.0, checkpoint_every=2),
-        root.join("student"), root.join("pairs"), init=root.join("teacher"),
+        root.join("student"),
+        root.join("pairs"),
+        init=root.join("teacher"),
     )
     student, _ = load_stage_model(root.join("student"))
     for (name, a), b in zip(teacher.state_dict().items(), student.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-9), name
-    assert manifest["inputs"]["init"]["hash"] == "testteacher"
-    assert manifest["inputs"]["data"]["hash"] == "testcoupling"
+    assert manifest.inputs["init"]["hash"] == "testteacher"
+    assert manifest.inputs["coupling"]["hash"] == "testcoupling"
 
 
 def test_reflow_learns_a_deterministic_coupling_almost_exactly(ray_session, tmp_path):
@@ -135,7 +156,7 @@ def test_bad_input_fails_before_training_and_writes_nothing(ray_session, tmp_pat
     x0 = noise(1, np.arange(256), (2,))
     write_coupling(root.join("pairs"), x0, x0 + 1, shard_size=64)
     root.join("pairs", "shard-000002.parquet").delete()
-    with pytest.raises(ShardError, match="missing shard shard-000002.parquet"):
+    with pytest.raises(ShardError, match="is missing shard shard-000002.parquet"):
         run_train_stage(config(), root.join("out-b"), root.join("pairs"))
     assert not root.join("out-b").exists()
 
