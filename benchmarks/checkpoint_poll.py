@@ -26,20 +26,24 @@ def one_arm(steps: int, every: int) -> float:
     """Wall seconds of one training stage in a fresh local Ray (run in the child process)."""
     import ray
 
-    from workflows.distributions import NoiseSpec
-    from workflows.pair_stream import IndependentSource
-    from workflows.stages.train import ModelSpec, TrainConfig, run_train_stage
+    from workflows.settings import IndependentPairs, ModelSpec, NoiseSpec, TrainConfig
+    from workflows.stages import train
     from workflows.storage import location
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     config = TrainConfig(
         model=ModelSpec(kind="mlp", config={"dim": 2, "width": 32, "depth": 2}),
-        steps=steps, batch_size=64, lr=1e-3, workers=1, checkpoint_every=every, log_every=steps,
+        steps=steps,
+        batch_size=64,
+        lr=1e-3,
+        workers=1,
+        checkpoint_every=every,
+        log_every=steps,
+        data=IndependentPairs(pi0=NoiseSpec(shape=[2]), pi1=NoiseSpec(shape=[2]), seed0=1, seed1=2),
     )
-    source = IndependentSource(NoiseSpec(shape=[2]), NoiseSpec(shape=[2]), 1, 2)
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
-        run_train_stage(config, location(os.path.join(root, "train")), source)
+        train.run(config, {}, location(os.path.join(root, "train")))
         return time.perf_counter() - started
 
 
@@ -59,7 +63,10 @@ def main() -> None:
             env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = interval
         child = subprocess.run(
             [sys.executable, __file__, "--child", "--steps", str(args.steps), "--every", str(args.every)],
-            env=env, capture_output=True, text=True, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         seconds[name] = json.loads(child.stdout.strip().splitlines()[-1])["seconds"]
         print(f"{name:>14}: {seconds[name]:.1f} s for {args.steps} steps, a checkpoint every {args.every}")

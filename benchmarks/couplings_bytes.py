@@ -6,7 +6,7 @@
 
 x0 is the stage's own noise; x1 are smooth random images in [−1, 1] (bicubic upsampling of 8×8
 noise, plus a little pixel noise), as a teacher's samples are smooth rather than constant. Each
-variant is encoded as one shard by :func:`workflows.shards.encode_shard`, exactly as the stage
+variant is encoded as one shard by :func:`workflows.couplings.encode_shard`, exactly as the stage
 writes it. Run: ``python benchmarks/couplings_bytes.py`` (seconds). The last line is JSON.
 """
 
@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workflows.distributions import NoiseSpec, sample_by_id
-from workflows.shards import CouplingFormat, encode_shard
+from workflows.couplings import CouplingFormat, encode_shard
+from workflows.distributions import sample_by_id
+from workflows.settings import NoiseSpec
 
 SHAPE = [3, 32, 32]
 VARIANTS = {"float32": ("float32", True), "float16_no_x0": ("float16", False), "uint8_no_x0": ("uint8", False)}
@@ -46,8 +47,14 @@ def main() -> None:
     sizes = {}
     for name, (dtype, x0_stored) in VARIANTS.items():
         fmt = CouplingFormat(
-            shape=SHAPE, dtype=dtype, x0_stored=x0_stored, seed=0, pi0=pi0,
-            teacher_hash="0" * 16, solver="rk45@1e-05", shard_size=args.pairs,
+            shape=SHAPE,
+            dtype=dtype,
+            x0_stored=x0_stored,
+            seed=0,
+            pi0=pi0,
+            teacher_hash="0" * 16,
+            solver="rk45@1e-05",
+            shard_size=args.pairs,
         )
         sizes[name] = round(len(encode_shard(fmt, 0, ids, x0, x1, nfe)) / args.pairs, 1)
         print(f"{name:>14}: {sizes[name] / 1000:6.2f} KB a pair ({args.pairs} pairs in one shard)", flush=True)

@@ -21,10 +21,10 @@ import time
 import numpy as np
 import torch
 
-from rf.coupling import generate_pairs
+from rf.coupling import Pairs, generate_pairs
 from rf.metrics import crossing_rate, pairing_ratio, transport_cost, wasserstein2
 from rf.models import MLPVelocity
-from rf.noise import uniform
+from rf.noise import STREAMS, uniform
 from rf.paths import StraightPath
 from rf.solvers import Solver, euler
 from rf.timesteps import UniformTime
@@ -34,14 +34,13 @@ from rf.training import VelocityTrainer
 PI0 = three_gaussians(-10.0)
 PI1 = three_gaussians(10.0)
 SEED_PI0, SEED_PI1, SEED_TIME, SEED_EVAL = 1, 2, 3, 4
-STREAM_TIME = 5
 FINE = Solver.parse("rk45@1e-5")
 
 
 def train_round(
     trainer: VelocityTrainer,
-    x0_of: "callable",
-    x1_of: "callable",
+    x0_of: callable,
+    x1_of: callable,
     steps: int,
     batch: int,
 ) -> float:
@@ -50,12 +49,42 @@ def train_round(
     loss = float("nan")
     for _ in range(steps):
         ids = np.arange(trainer.step_count * batch, (trainer.step_count + 1) * batch)
-        t = sampler.from_uniform(uniform(SEED_TIME, ids, stream=STREAM_TIME))
+        t = sampler.from_uniform(uniform(SEED_TIME, ids, stream=STREAMS.time))
         loss = trainer.step(x0_of(ids), x1_of(ids), t)
-    return loss
+    return float(loss)
 
 
-def sample_of(dist: ToyDistribution, seed: int) -> "callable":
+def new_trainer(model: MLPVelocity) -> VelocityTrainer:
+    """The optimiser settings of every round."""
+    return VelocityTrainer(model, StraightPath(), lr=1e-3, warmup_steps=100, ema_decay=0.99)
+
+
+def train_1rf(width: int, steps: int, batch: int) -> tuple[MLPVelocity, float]:
+    """1-RF on independent pairs (weights initialised after ``torch.manual_seed(0)``): its EMA
+    model and last loss."""
+    torch.manual_seed(0)
+    trainer = new_trainer(MLPVelocity(dim=2, width=width, depth=3))
+    loss = train_round(trainer, sample_of(PI0, SEED_PI0), sample_of(PI1, SEED_PI1), steps, batch)
+    return trainer.ema.model, loss
+
+
+def reflow_pairs(model: MLPVelocity, count: int, solver: Solver = FINE) -> Pairs:
+    """The coupling (Z0, Z1 = solver(model, Z0)) of ``count`` fresh draws of π0."""
+    return generate_pairs(model, solver, PI0.sample(SEED_PI0 + 10, np.arange(count)))
+
+
+def train_reflow(teacher: MLPVelocity, pairs: Pairs, steps: int, batch: int) -> tuple[MLPVelocity, float]:
+    """The next round, warm-started from ``teacher`` and trained on ``pairs``: its EMA model and last loss."""
+    model = MLPVelocity(**teacher.config())
+    model.load_state_dict(teacher.state_dict())
+    trainer = new_trainer(model)
+    loss = train_round(
+        trainer, lambda ids: pairs.x0[ids % len(pairs.x0)], lambda ids: pairs.x1[ids % len(pairs.x1)], steps, batch
+    )
+    return trainer.ema.model, loss
+
+
+def sample_of(dist: ToyDistribution, seed: int) -> callable:
     return lambda ids: dist.sample(seed, ids)
 
 
@@ -96,28 +125,13 @@ def main() -> None:
         }
     }
 
-    model = MLPVelocity(dim=2, width=256, depth=3)
-    x0_of, x1_of = sample_of(PI0, SEED_PI0), sample_of(PI1, SEED_PI1)
+    model, loss = train_1rf(256, args.steps, args.batch)
     for k in (1, 2, 3):
-        model.train()
-        trainer = VelocityTrainer(model, StraightPath(), lr=1e-3, warmup_steps=100, ema_decay=0.99)
-        loss = train_round(trainer, x0_of, x1_of, args.steps, args.batch)
-        model = trainer.ema.model
         rows[str(k)] = evaluate(model, x0_eval, eval_ids, pi1_eval)
         rows[str(k)]["final_loss"] = loss
         print(f"round {k}: trained {args.steps} steps, loss {loss:.4f}; {rows[str(k)]}", flush=True)
         if k < 3:
-            pairs = generate_pairs(model, FINE, PI0.sample(SEED_PI0 + 10, np.arange(args.pairs)))
-            reflow_x0, reflow_x1 = pairs.x0, pairs.x1
-
-            def x0_of(ids, x=reflow_x0):
-                return x[ids % len(x)]
-
-            def x1_of(ids, x=reflow_x1):
-                return x[ids % len(x)]
-
-            model = MLPVelocity(**model.config())
-            model.load_state_dict(trainer.ema.model.state_dict())
+            model, loss = train_reflow(model, reflow_pairs(model, args.pairs), args.steps, args.batch)
 
     print()
     print(f"{'coupling':<10}{'crossing %':>12}{'cost':>10}{'pair ratio':>12}{'1-step dist':>13}{'1-step W2':>11}")

@@ -17,76 +17,59 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
-import threading
-import time
+from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
+from peak_memory import PeakPSS
 
-from workflows.distributions import NoiseSpec
-from workflows.shards import CouplingFormat, ShardEntry, encode_shard, sha256, shard_count, shard_name, shard_range
-from workflows.stage import write_manifest
-from workflows.stages.train import ModelSpec, TrainConfig, run_train_stage
-from workflows.storage import Location, location
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests.workflows.helpers
+
 from rf.noise import noise
+from tests.workflows.helpers import fake_manifest
+from workflows.couplings import CouplingFormat, encode_shard
+from workflows.settings import CoupledPairs, ModelSpec, NoiseSpec, TrainConfig
+from workflows.shard_format import ShardEntry, sha256, shard_count, shard_name, shard_range
+from workflows.stages import train
+from workflows.storage import Location, location
 
 DIM, SHARD, BATCH = 256, 8192, 1024
 
 
 def write_pairs(output: Location, pairs: int) -> None:
     """A finished coupling stage of ``pairs`` pairs x1 = 0.5·x0 + 1 (any deterministic map)."""
-    fmt = CouplingFormat(shape=[DIM], seed=0, pi0=NoiseSpec(shape=[DIM]), teacher_hash="bench", solver="map", shard_size=SHARD)
+    fmt = CouplingFormat(
+        shape=[DIM], seed=0, pi0=NoiseSpec(shape=[DIM]), teacher_hash="bench", solver="map", shard_size=SHARD
+    )
     entries = []
     for index in range(shard_count(pairs, SHARD)):
         start, stop = shard_range(index, SHARD, pairs)
         x0 = noise(0, np.arange(start, stop), (DIM,))
         data = encode_shard(fmt, index, np.arange(start, stop), x0, 0.5 * x0 + 1, torch.ones(stop - start))
         output.join(shard_name(index)).write_bytes(data)
-        entries.append(ShardEntry(index, shard_name(index), start, stop - start, sha256(data), len(data)).as_dict())
-    write_manifest(output, {"hash": f"bench{pairs}", "coupling": fmt.model_dump(mode="json"), "shards": entries, "pairs": pairs})
-
-
-class PeakRSS:
-    """Samples the summed PSS of this process tree in a background thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _total(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for process in [me, *me.children(recursive=True)]:
-            try:
-                total += process.memory_full_info().pss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._total())
-            time.sleep(0.5)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        entries.append(
+            ShardEntry(index, shard_name(index), start, stop, stop - start, sha256(data), len(data)).as_dict()
+        )
+    fake_manifest(
+        output, "couple", f"bench{pairs}", {"format": fmt.model_dump(mode="json"), "shards": entries, "pairs": pairs}
+    )
 
 
 def train_on(coupling: Location, output: Location, pairs: int) -> int:
     config = TrainConfig(
         model=ModelSpec(kind="mlp", config={"dim": DIM, "width": 256, "depth": 2}),
-        steps=pairs // BATCH, batch_size=BATCH, lr=1e-4, workers=2, checkpoint_every=10**6, log_every=50,
+        steps=pairs // BATCH,
+        batch_size=BATCH,
+        lr=1e-4,
+        workers=2,
+        checkpoint_every=10**6,
+        log_every=50,
+        data=CoupledPairs(),
     )
-    with PeakRSS() as rss:
-        run_train_stage(config, output, coupling)
+    with PeakPSS(0.5) as rss:
+        train.run(config, {"coupling": coupling}, output)
     return rss.peak
 
 
@@ -109,12 +92,16 @@ def main() -> None:
             peaks[factor] = train_on(base.join(f"pairs-{factor}x"), base.join(f"train-{factor}x"), factor * args.pairs)
             ray.shutdown()
             print(f"{factor}x: peak memory (PSS) {peaks[factor] / 2**20:.0f} MiB", flush=True)
-    print(json.dumps({
-        "rss_ratio_10x": round(peaks[10] / peaks[1], 3),
-        "rss_mb_1x": round(peaks[1] / 2**20, 1),
-        "rss_mb_10x": round(peaks[10] / 2**20, 1),
-        "pairs_1x": args.pairs,
-    }))
+    print(
+        json.dumps(
+            {
+                "rss_ratio_10x": round(peaks[10] / peaks[1], 3),
+                "rss_mb_1x": round(peaks[1] / 2**20, 1),
+                "rss_mb_10x": round(peaks[10] / 2**20, 1),
+                "pairs_1x": args.pairs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,27 +29,27 @@ import numpy as np
 import torch
 
 from rf.models import MLPVelocity
-from rf.noise import uniform
+from rf.noise import STREAMS, uniform
 from rf.paths import StraightPath
 from rf.timesteps import UniformTime
 from rf.training import VelocityTrainer
-from workflows.distributions import NoiseSpec, sample_by_id
-from workflows.pair_stream import IndependentSource
-from workflows.stages.train import ModelSpec, TrainConfig, run_train_stage
+from workflows.distributions import sample_by_id
+from workflows.settings import IndependentPairs, ModelSpec, NoiseSpec, TrainConfig
+from workflows.stages import train
 from workflows.storage import location
 
 DIM, WIDTH, DEPTH, BATCH = 64, 1024, 4, 1024
-SOURCE = IndependentSource(NoiseSpec(shape=[DIM]), NoiseSpec(shape=[DIM]), 1, 2)
+SOURCE = IndependentPairs(pi0=NoiseSpec(shape=[DIM]), pi1=NoiseSpec(shape=[DIM]), seed0=1, seed1=2)
 
 
 def plain_steps_per_second(steps: int) -> float:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    trainer = VelocityTrainer(MLPVelocity(DIM, WIDTH, DEPTH), StraightPath(), lr=1e-4)
+    trainer = VelocityTrainer(MLPVelocity(dim=DIM, width=WIDTH, depth=DEPTH), StraightPath(), lr=1e-4)
 
     def step(k: int) -> None:
         ids = np.arange(k * BATCH, (k + 1) * BATCH)
-        t = UniformTime().from_uniform(uniform(0, ids, stream=3))
+        t = UniformTime().from_uniform(uniform(0, ids, stream=STREAMS.time))
         trainer.step(sample_by_id(SOURCE.pi0, 1, ids), sample_by_id(SOURCE.pi1, 2, ids), t)
 
     for k in range(3):
@@ -64,10 +64,16 @@ def stage_seconds(root: str, name: str, steps: int, workers: int) -> float:
     """Seconds of one stage run, from the call to its return."""
     config = TrainConfig(
         model=ModelSpec(kind="mlp", config={"dim": DIM, "width": WIDTH, "depth": DEPTH}),
-        steps=steps, batch_size=BATCH, lr=1e-4, workers=workers, checkpoint_every=steps, log_every=steps,
+        steps=steps,
+        batch_size=BATCH,
+        lr=1e-4,
+        workers=workers,
+        checkpoint_every=steps,
+        log_every=steps,
+        data=SOURCE,
     )
     started = time.perf_counter()
-    run_train_stage(config, location(os.path.join(root, name)), SOURCE)
+    train.run(config, {}, location(os.path.join(root, name)))
     return time.perf_counter() - started
 
 
@@ -75,7 +81,9 @@ def stage_steps_per_second(root: str, workers: int, short: int, long: int, attem
     quick = stage_seconds(root, f"short-{workers}-{attempt}", short, workers)
     slow = stage_seconds(root, f"long-{workers}-{attempt}", long, workers)
     rate = (long - short) / (slow - quick)
-    print(f"ray x{workers}: {short} steps in {quick:.1f} s, {long} steps in {slow:.1f} s → {rate:.2f} steps/s", flush=True)
+    print(
+        f"ray x{workers}: {short} steps in {quick:.1f} s, {long} steps in {slow:.1f} s → {rate:.2f} steps/s", flush=True
+    )
     return rate
 
 
@@ -99,11 +107,15 @@ def main() -> None:
                     rates[arm].append(stage_steps_per_second(root, int(arm), args.short, args.long, attempt))
     ray.shutdown()
     plain, one, two = (sum(rates[arm]) / len(rates[arm]) for arm in ("plain", "1", "2"))
-    print(json.dumps({
-        "ray_vs_plain": round(one / plain, 3),
-        "two_vs_one_worker": round(two / one, 3),
-        "plain_steps_per_s": round(plain, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "ray_vs_plain": round(one / plain, 3),
+                "two_vs_one_worker": round(two / one, 3),
+                "plain_steps_per_s": round(plain, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
