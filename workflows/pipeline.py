@@ -5,6 +5,11 @@ Durability comes from storage, not from Ray: a stage is done when its ``_SUCCESS
 A re-run after any failure skips what is done, resumes what is half done (missing shards only;
 training from its last checkpoint) and runs the rest. A failed stage blocks only the stages that
 need it; the others still run, and the run then fails naming every failed stage.
+
+A stage that fails because Ray lost the processes or the node it ran on (:data:`NODE_LOSS`: an
+actor that cannot be placed or restarted, a dead node, a lost object — e.g. Ray Data's actor pool
+when a worker node disappears) is run again at once, up to :data:`STAGE_RETRIES` times, under the
+same lease: since a stage resumes from what it has written, the retry redoes only what was lost.
 """
 
 from __future__ import annotations
@@ -35,6 +40,31 @@ PENDING, WAITING, RUNNING, DONE, CACHED, FAILED, BLOCKED = (
     "blocked",
 )
 FINISHED = {DONE, CACHED}
+
+
+STAGE_RETRIES = 2
+NODE_LOSS = (
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "ActorUnschedulableError",
+    "NodeDiedError",
+    "ObjectLostError",
+    "OwnerDiedError",
+    "WorkerCrashedError",
+)
+"""Names of the :mod:`ray.exceptions` that mean lost processes or nodes, not a wrong stage."""
+
+
+def lost_to_ray(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is Ray losing a process or a node."""
+    seen: BaseException | None = error
+    for _ in range(16):  # a cause chain is short; a cycle is not followed forever
+        if seen is None:
+            return False
+        if any(kind.__name__ in NODE_LOSS and kind.__module__.startswith("ray.") for kind in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class PipelineFailed(RuntimeError):
@@ -113,7 +143,21 @@ class PipelineRun:
                 return
             self._set(stage.name, RUNNING)
             with holding(lease):
-                stage_function(stage.kind)(stage.config, self.plan.inputs_of(stage), stage.output)
+                for attempt in range(STAGE_RETRIES + 1):
+                    try:
+                        stage_function(stage.kind)(stage.config, self.plan.inputs_of(stage), stage.output)
+                        break
+                    except Exception as error:
+                        if attempt == STAGE_RETRIES or not lost_to_ray(error):
+                            raise
+                        logger.warning(
+                            "stage %s lost Ray processes or a node (%s: %s); running it again (%d of %d)",
+                            stage.name,
+                            type(error).__name__,
+                            error,
+                            attempt + 1,
+                            STAGE_RETRIES,
+                        )
             self._set(stage.name, DONE)
         finally:
             lease.release()

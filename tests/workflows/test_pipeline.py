@@ -156,3 +156,48 @@ def test_progress_lines_name_rate_eta_and_loss():
     line = progress_line("train-2", {"done": 1200, "total": 2000, "unit": "steps", "rate": 40.0, "loss": 0.0123}, 62.0)
     assert line == "train-2: 1200/2000 steps (60%), 40/s, ETA 0:20, loss 0.0123, 1:02 running"
     assert progress_line("couple-1", None, None) == "couple-1"
+
+
+def test_a_stage_that_lost_ray_processes_runs_again_and_any_other_error_fails_it(tmp_path, monkeypatch):
+    """Ray losing an actor or a node (e.g. Ray Data's pool when a worker node dies) re-runs the
+    stage under its lease, up to STAGE_RETRIES times; an ordinary error fails it at once."""
+    import ray.exceptions
+
+    from workflows import pipeline
+    from workflows.pipeline import STAGE_RETRIES, PipelineFailed, lost_to_ray
+
+    assert lost_to_ray(ray.exceptions.ActorUnschedulableError("gone"))
+    try:
+        try:
+            raise ray.exceptions.NodeDiedError("node")
+        except ray.exceptions.NodeDiedError as cause:
+            raise RuntimeError("a stage wrapped it") from cause
+    except RuntimeError as wrapped:
+        assert lost_to_ray(wrapped)
+    assert not lost_to_ray(ValueError("a bad shard"))
+
+    plan = build_plan(load_pipeline(TINY, ["rounds=1", "distill=[]"], storage=str(tmp_path / "runs")))
+    calls: list[str] = []
+
+    def flaky(errors):
+        def run(config, inputs, output):
+            calls.append(output.name)
+            if errors:
+                raise errors.pop(0)
+            output.join(SUCCESS_FILE).write_json({"fake": True})
+
+        return run
+
+    lost = [ray.exceptions.ActorUnschedulableError(f"node {i}") for i in range(STAGE_RETRIES)]
+    monkeypatch.setattr(pipeline, "stage_function", lambda kind: flaky(lost if kind == "train" else []))
+    monkeypatch.setattr(pipeline, "read_manifest", lambda output: None)
+    PipelineRun(plan).run()
+    assert calls.count(plan.stages["train-1"].output.name) == STAGE_RETRIES + 1
+
+    plan = build_plan(load_pipeline(TINY, ["rounds=1", "distill=[]"], storage=str(tmp_path / "other")))
+    calls.clear()
+    wrong = [ValueError("a bad shard")]
+    monkeypatch.setattr(pipeline, "stage_function", lambda kind: flaky(wrong if kind == "train" else []))
+    with pytest.raises(PipelineFailed, match="a bad shard"):
+        PipelineRun(plan).run()
+    assert calls == [plan.stages["train-1"].output.name]  # not retried; its dependents never ran
