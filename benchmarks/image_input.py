@@ -4,10 +4,13 @@ A generated dataset: N procedural RGB images of 128² (``--resolution``; a few r
 pixel noise: PNG stores them at ≈ 70 % of the raw bytes, as it does photographs), imported with
 the real importer (:func:`workflows.images.import_images`) as PNG, and again as raw pixels, in
 shards of 256 images. The stream is :class:`workflows.pair_stream.StreamPlan`'s dataset of one
-rank (W = 1, batch 64) over two epochs, iterated as a train worker iterates it
+rank (W = 1, batch 64) over three epochs, iterated as a train worker iterates it
 (:func:`~workflows.pair_stream.rank_batches`: uint8 torch batches), in this process, nothing else
 running, with windows of 2 shards (the window decides the order, not the work); the second epoch
-is timed — the steady state of a training run, whose stream lives for many epochs. Every arm
+is timed — the steady state of a training run, whose stream lives for many epochs: at both of its
+ends the readers are the same depth ahead of the consumer (timing the last epoch would credit the
+stream with the windows it decoded before the clock started). The dataset must be long against
+that depth (``--images`` ≥ 16 shards). Every arm
 runs once unmeasured (worker start-up, first imports), then side by side in rounds (A B C D E,
 then E D C B A; ratios of summed times, so a drifting machine biases no arm):
 
@@ -26,7 +29,7 @@ Then, each on a fresh Ray with a ``worker_process_setup_hook`` that logs every s
   store, read actors — sampled every 0.2 s) of the stream over N and over 4N images, with the same
   settings (a window of 2 shards, ``buffer_mb`` the same: well below N's 200 MB of pixels, so
   1× already runs at the stream's bound);
-- shard reads in the two epochs over N ÷ (2 × shards).
+- shard reads in the three epochs over N ÷ (3 × shards).
 
 Targets: stream_vs_raw ≥ 0.9 (1 CPU), two_vs_one_reader ≥ 1.6 on 2 cores, rss_ratio_4x ≤ 1.2,
 reads_per_shard ≤ 1.05. Run: ``python benchmarks/image_input.py`` (about 10 minutes on 2 cores,
@@ -48,7 +51,7 @@ from pathlib import Path
 import numpy as np
 from peak_memory import PeakPSS
 
-SHARD, BATCH = 256, 64
+SHARD, BATCH, EPOCHS = 256, 64, 3
 READ_LOG = "RECTIFLOW_BENCH_READ_LOG"
 
 
@@ -121,8 +124,9 @@ def two_raw_loops(uri: str) -> tuple[float, int]:
 
 
 def stream_epoch(uri: str, count: int, **reading) -> tuple[float, int]:
-    """(seconds, images) of the second epoch of a two-epoch stream: the steady state a train worker
-    sees (read actors started, pipeline full), window boundaries and epoch change included."""
+    """(seconds, images) of the second epoch of a three-epoch stream: the steady state a train
+    worker sees (read actors started, pipeline full at both ends), window boundaries and epoch
+    changes included."""
     from workflows.images import ImageDataset
     from workflows.pair_stream import IndependentSource, StreamPlan, rank_batches
     from workflows.settings import ImagesSpec, IndependentPairs, NoiseSpec
@@ -130,15 +134,18 @@ def stream_epoch(uri: str, count: int, **reading) -> tuple[float, int]:
 
     shape = list(ImageDataset.open(uri).shape)
     data = IndependentPairs(pi0=NoiseSpec(shape=shape), pi1=ImagesSpec(shape=shape, uri=uri), seed0=1, seed1=2)
-    plan = StreamPlan(IndependentSource.open(data), 1, BATCH, 2 * count // BATCH, reading=InputSettings(**reading))
-    images, started = 0, None
+    plan = StreamPlan(IndependentSource.open(data), 1, BATCH, EPOCHS * count // BATCH, reading=InputSettings(**reading))
+    images, started, finished = 0, None, None
     for batch in rank_batches(
         plan.dataset(0, 0).iterator(), batch_size=BATCH, device="cpu", prefetch_batches=plan.reading.prefetch_batches
     ):
         images += len(batch["x1"])
         if images == count:
             started = time.perf_counter()
-    return time.perf_counter() - started, images - count
+        elif images == 2 * count:
+            finished = time.perf_counter()
+    assert images == EPOCHS * count, images
+    return finished - started, count
 
 
 # -------------------------------------------------------------------------- memory and reads
@@ -194,6 +201,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of all arms, in A B C D E / E D C B A order")
     parser.add_argument("--no-growth", action="store_true", help="measure the rates only (no 4x dataset)")
     args = parser.parse_args()
+    if args.images < 16 * SHARD or args.images % SHARD:
+        parser.error(
+            f"--images must be a multiple of {SHARD} and at least {16 * SHARD}: a timed epoch of fewer shards is "
+            "short against the readers' lead, and the rates would measure the pipeline's edges"
+        )
     logging.basicConfig(level=logging.WARNING)
     import ray
 
@@ -234,7 +246,7 @@ def main() -> None:
             peaks[factor], reads[factor] = bounded_epoch(uri, factor * args.images, window, log)
             print(
                 f"{factor}x: peak memory (PSS) {peaks[factor] / 2**20:.0f} MiB, {reads[factor]} shard reads "
-                f"in 2 epochs of {factor * args.images // SHARD} shards",
+                f"in {EPOCHS} epochs of {factor * args.images // SHARD} shards",
                 flush=True,
             )
 
@@ -246,7 +258,7 @@ def main() -> None:
         if not peaks
         else {
             "rss_ratio_4x": round(peaks[4] / peaks[1], 3),
-            "reads_per_shard": round(reads[1] / (2 * args.images // SHARD), 3),
+            "reads_per_shard": round(reads[1] / (EPOCHS * args.images // SHARD), 3),
             "rss_mb_1x": round(peaks[1] / 2**20, 1),
             "rss_mb_4x": round(peaks[4] / 2**20, 1),
         }
