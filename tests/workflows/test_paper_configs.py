@@ -95,7 +95,7 @@ def test_paper_config_validates_as_shipped(name, tmp_path):
             config.model.config["channel_mult"] == [1, 1, 2, 2, 2, 2, 2] and config.model.config["num_res_blocks"] == 2
         )
         assert config.train.workers == 4 and config.train.batch_size == 64 and config.train.micro_batch == 16
-        assert config.train.input.cpus == 4 and config.train.input.window_mb == 1024
+        assert config.train.input.cpus == 2 and config.train.input.readers == 2 and config.train.input.window_mb == 1024
 
 
 THROUGH_RAY = ("cifar10", "celebahq256")
