@@ -17,6 +17,8 @@ import numpy as np
 import ray
 from ray.data import DataContext
 
+from workflows.ray_errors import input_error
+
 
 class ItemWorker:
     """Base of a pool's worker: subclasses implement :meth:`process` for one item (a dict of
@@ -64,19 +66,7 @@ def run_on_actors(
         for row in rows.iter_rows():
             yield {key: _plain(value) for key, value in row.items()}
     except Exception as error:
-        cause = _input_error(error)
+        cause = input_error(error)
         if cause is None:
             raise
         raise cause from None
-
-
-def _input_error(error: BaseException) -> ValueError | None:
-    """The ValueError a worker raised about its input (a corrupt shard, a changed teacher), found
-    inside the wrappers Ray puts around it, so that callers see the error that names the file."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, ValueError) and not type(error).__module__.startswith("ray"):
-            return error
-        error = getattr(error, "cause", None) or error.__cause__
-    return None

@@ -6,7 +6,7 @@ A re-run after any failure skips what is done, resumes what is half done (missin
 training from its last checkpoint) and runs the rest. A failed stage blocks only the stages that
 need it; the others still run, and the run then fails naming every failed stage.
 
-A stage that fails because Ray lost the processes or the node it ran on (:data:`NODE_LOSS`: an
+A stage that fails because Ray lost the processes or the node it ran on (:data:`~workflows.ray_errors.NODE_LOSS`: an
 actor that cannot be placed or restarted, a dead node, a lost object — e.g. Ray Data's actor pool
 when a worker node disappears) is run again at once, up to :data:`STAGE_RETRIES` times, under the
 same lease: since a stage resumes from what it has written, the retry redoes only what was lost.
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from workflows.lease import Lease, holding, probe_conditional_writes
 from workflows.manifest import Manifest, is_done, read_manifest
 from workflows.plan import Plan, StagePlan
+from workflows.ray_errors import lost_to_ray
 from workflows.stage import read_progress
 
 logger = logging.getLogger("rectiflow.pipeline")
@@ -43,28 +44,6 @@ FINISHED = {DONE, CACHED}
 
 
 STAGE_RETRIES = 2
-NODE_LOSS = (
-    "ActorDiedError",
-    "ActorUnavailableError",
-    "ActorUnschedulableError",
-    "NodeDiedError",
-    "ObjectLostError",
-    "OwnerDiedError",
-    "WorkerCrashedError",
-)
-"""Names of the :mod:`ray.exceptions` that mean lost processes or nodes, not a wrong stage."""
-
-
-def lost_to_ray(error: BaseException) -> bool:
-    """Whether ``error`` (or an error it was raised from) is Ray losing a process or a node."""
-    seen: BaseException | None = error
-    for _ in range(16):  # a cause chain is short; a cycle is not followed forever
-        if seen is None:
-            return False
-        if any(kind.__name__ in NODE_LOSS and kind.__module__.startswith("ray.") for kind in type(seen).__mro__):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 class PipelineFailed(RuntimeError):
@@ -143,24 +122,29 @@ class PipelineRun:
                 return
             self._set(stage.name, RUNNING)
             with holding(lease):
-                for attempt in range(STAGE_RETRIES + 1):
-                    try:
-                        stage_function(stage.kind)(stage.config, self.plan.inputs_of(stage), stage.output)
-                        break
-                    except Exception as error:
-                        if attempt == STAGE_RETRIES or not lost_to_ray(error):
-                            raise
-                        logger.warning(
-                            "stage %s lost Ray processes or a node (%s: %s); running it again (%d of %d)",
-                            stage.name,
-                            type(error).__name__,
-                            error,
-                            attempt + 1,
-                            STAGE_RETRIES,
-                        )
+                self._run_again_if_lost_to_ray(stage)
             self._set(stage.name, DONE)
         finally:
             lease.release()
+
+    def _run_again_if_lost_to_ray(self, stage: StagePlan) -> None:
+        """Run the stage; when Ray lost its processes or node, run it again (it resumes from what it
+        wrote), at most :data:`STAGE_RETRIES` times; any other error fails it at once."""
+        run = stage_function(stage.kind)
+        for retry in range(STAGE_RETRIES + 1):
+            try:
+                return run(stage.config, self.plan.inputs_of(stage), stage.output)
+            except Exception as error:
+                if retry == STAGE_RETRIES or not lost_to_ray(error):
+                    raise
+                logger.warning(
+                    "stage %s lost Ray processes or a node (%s: %s); running it again (%d of %d)",
+                    stage.name,
+                    type(error).__name__,
+                    error,
+                    retry + 1,
+                    STAGE_RETRIES,
+                )
 
     def _ready(self, name: str) -> bool:
         return all(self.statuses[need].state in FINISHED for need in self.plan.stages[name].needs)
