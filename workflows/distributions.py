@@ -29,6 +29,7 @@ import torch
 from rf.noise import STREAMS, Device, noise, uniform
 from rf.toy import make_toy
 from workflows.settings import ImagesSpec, NoiseSpec, ToySpec
+from workflows.shard_windows import copy_rows
 
 if TYPE_CHECKING:
     from workflows.images import ImageDataset
@@ -40,9 +41,10 @@ IMAGE_CACHE_BYTES = 2 << 30
 _LABEL_TASKS = 16
 
 
-def flip_coins(seed: int, examples: np.ndarray) -> np.ndarray:
-    """Whether each example is mirrored: u(seed, example, image_flip) < ½."""
-    return uniform(seed, examples, stream=STREAMS.image_flip).numpy() < 0.5
+def flip_coins(seed: int, examples: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Whether each example is mirrored: u(seed, example, image_flip) < ½, a bool tensor drawn on
+    the device of a tensor ``examples`` (the same coins on every device: uniforms are exact)."""
+    return uniform(seed, examples, stream=STREAMS.image_flip) < 0.5
 
 
 def open_images(uri: str, shape: tuple[int, ...]) -> ImageDataset:
@@ -165,19 +167,23 @@ class ImageShards:
     def _first_position(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum([entry.rows for entry in self.dataset.shards])])
 
-    def read(self, shard: int) -> dict[str, np.ndarray]:
-        """Positions and pixels of shard ``shard``'s kept images; :class:`ImageFormatError`
-        naming the shard when its bytes or an image do not check out."""
+    def read(self, shard: int, out: dict[str, np.ndarray]) -> None:
+        """Positions and pixels of shard ``shard``'s kept images into ``out`` (decoded straight into
+        it when every image is kept); :class:`ImageFormatError` naming the shard when its bytes or
+        an image do not check out."""
         from workflows.images import decode_shard
 
         entry = self.dataset.shards[shard]
         data, source = self.dataset.shard_bytes(entry), self.dataset.shard_uri(entry)
-        _, images = decode_shard(data, entry, self.dataset.shape, self.dataset.encoding, source)
+        shape, encoding = self.dataset.shape, self.dataset.encoding
         positions = self._first_position[shard] + np.arange(entry.rows)
         if self.labels is None:
-            return {"id": positions, "image": images}
+            decode_shard(data, entry, shape, encoding, source, out["image"])
+            out["id"][...] = positions
+            return
+        _, images = decode_shard(data, entry, shape, encoding, source)
         keep = np.isin(_labels(data, source), self.labels)
-        return {"id": positions[keep], "image": images[keep]}
+        copy_rows(out, {"id": positions[keep], "image": images[keep]}, source)
 
 
 def sample_by_id(

@@ -12,7 +12,8 @@ Where the rows come from:
   (:func:`~workflows.distributions.sample_by_id`) — except images as π1, which are *streamed*:
   the import's shards in the shard-sequential, window-shuffled order of
   :mod:`workflows.shard_windows` (keyed by seed₁; each image once per epoch of the rank), each
-  mirrored by the coin of its example g. X0 stays by id (pair id = g).
+  mirrored by the coin of its example g — on the train worker's device, not by the reader.
+  X0 stays by id (pair id = g).
 - **online reflow**: X0 = π0(seed, g) and X1 = Flow(X0), solved by the reader from a frozen
   teacher (no shards; every epoch pays the ODE again).
 - **coupling shards** (reflow, distillation): the coupling's shards, streamed in the same
@@ -58,7 +59,7 @@ from workflows.images import flip, to_unit_interval
 from workflows.ray_errors import input_error
 from workflows.settings import DistributionSpec, ImagesSpec, IndependentPairs
 from workflows.settings.training import InputSettings
-from workflows.shard_windows import Segment, ShardSet, ShardWindows, read_window
+from workflows.shard_windows import Segment, ShardSet, ShardWindows, copy_rows, read_window
 from workflows.storage import Location
 from workflows.weights import load_stage_model
 
@@ -171,10 +172,18 @@ class IndependentSource(PairSource):
     def rows(self, read: dict[str, np.ndarray], examples: np.ndarray) -> dict[str, np.ndarray]:
         out = {"pair_id": examples}
         if self.images is not None:
-            out["x1"] = flip(read["image"], flip_coins(self.seed1, examples)) if self.pi1.flip else read["image"]
+            out["x1"] = read["image"]  # mirrored by model_pairs, on the device
         if self.x0_by_id is None:  # images as π0 (a transfer): random access by id, for small datasets
             out["x0"] = sample_by_id(self.pi0, self.seed0, examples).numpy()
         return out
+
+    def model_pairs(self, batch: dict[str, torch.Tensor], device: Device) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`PairSource.model_pairs`, with streamed images mirrored there, on the device,
+        by the coins of their examples: the readers' CPUs only read, decode and shuffle."""
+        x0, x1 = super().model_pairs(batch, device)
+        if self.images is not None and self.pi1.flip:
+            x1 = flip(x1, flip_coins(self.seed1, batch["example"].to(x1.device)))
+        return x0, x1
 
 
 @dataclass(frozen=True)
@@ -232,9 +241,11 @@ class CouplingShards:
     def row_bytes(self) -> int:
         return 8 + 4 * self.coupling.format.dim * (len(self.coupling.format.columns) - 1)
 
-    def read(self, shard: int) -> dict[str, np.ndarray]:
-        ids, x0, x1 = self.coupling.read(self.coupling.shards[shard])
-        return {"id": ids, "x1": x1.numpy(), **({"x0": x0.numpy()} if x0 is not None else {})}
+    def read(self, shard: int, out: dict[str, np.ndarray]) -> None:
+        entry = self.coupling.shards[shard]
+        ids, x0, x1 = self.coupling.read(entry)
+        values = {"id": ids, "x1": x1.numpy(), **({"x0": x0.numpy()} if x0 is not None else {})}
+        copy_rows(out, values, self.coupling.location.join(entry.name).uri)
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,10 @@ class ShardSet(Protocol):
     def row_bytes(self) -> int:
         """Bytes one decoded row takes (the values and its id)."""
 
-    def read(self, shard: int) -> dict[str, np.ndarray]:
-        """``{"id": int64 (rows[shard],), column: (rows[shard], *shape), …}`` of one shard,
-        verified; an error naming the shard's file otherwise."""
+    def read(self, shard: int, out: dict[str, np.ndarray]) -> None:
+        """Fill ``out`` — ``{"id": int64 (rows[shard],), column: (rows[shard], *shape), …}``, the
+        shard's rows of a window's buffers — with the shard's rows, verified (decoding straight
+        into them where it can); an error naming the shard's file otherwise."""
 
 
 @dataclass(frozen=True)
@@ -153,10 +154,19 @@ def window_order(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
     return np.lexsort((keys[:, 1], keys[:, 0]))
 
 
+def copy_rows(out: dict[str, np.ndarray], values: dict[str, np.ndarray], source: str) -> None:
+    """Copy a shard's decoded columns into ``out`` (its rows of a window); ``ValueError`` naming
+    ``source`` when it gave other than the rows its set lists."""
+    if len(values["id"]) != len(out["id"]):
+        raise ValueError(f"shard {source} gave {len(values['id'])} rows, its set lists {len(out['id'])}")
+    for name, target in out.items():
+        target[...] = values[name]
+
+
 def read_window(shard_set: ShardSet, shards: np.ndarray, seed: int, epoch: int, threads: int = 1) -> Window:
-    """Read the window of ``shards`` of epoch ``epoch``: every shard once, into one buffer per
-    column, with ``threads`` shards decoding at a time (Pillow, zstd and sha256 release the GIL).
-    Holds the window plus, per thread, one shard being decoded."""
+    """Read the window of ``shards`` of epoch ``epoch``: every shard once, decoded straight into
+    one buffer per column, with ``threads`` shards decoding at a time (Pillow, zstd and sha256
+    release the GIL). Holds the window plus, per thread, one shard's bytes."""
     sizes = [shard_set.rows[int(s)] for s in shards]
     starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
     columns = {"id": np.empty(int(starts[-1]), dtype=np.int64)}
@@ -164,11 +174,7 @@ def read_window(shard_set: ShardSet, shards: np.ndarray, seed: int, epoch: int, 
         columns[name] = np.empty((int(starts[-1]), *shape), dtype=dtype)
 
     def fill(i: int) -> None:
-        part = shard_set.read(int(shards[i]))
-        if len(part["id"]) != sizes[i]:
-            raise ValueError(f"shard {int(shards[i])} gave {len(part['id'])} rows, its set lists {sizes[i]}")
-        for name, values in columns.items():
-            values[starts[i] : starts[i + 1]] = part[name]
+        shard_set.read(int(shards[i]), {name: values[starts[i] : starts[i + 1]] for name, values in columns.items()})
 
     if threads > 1 and len(shards) > 1:
         with ThreadPoolExecutor(min(threads, len(shards))) as pool:

@@ -19,6 +19,7 @@ from workflows.settings import IndependentPairs, NoiseSpec, TrainConfig, TrainSe
 from workflows.settings.data import ImagesSpec
 from workflows.settings.training import InputSettings
 from workflows.shard_format import ShardEntry, sha256, shard_count, shard_name, shard_range
+from workflows.shard_windows import copy_rows
 from workflows.storage import location
 
 RESOLUTION, SHARD = 32, 64
@@ -98,9 +99,7 @@ def test_every_image_once_per_epoch_of_each_rank_and_once_per_epoch_over_the_ran
             expected = np.concatenate([np.arange(dataset.shards[s].start, dataset.shards[s].stop) for s in share])
             assert sorted(ids[epochs == epoch]) == sorted(expected)  # each of its shards' images, once
         first_epoch.append(ids[epochs == 0])
-        # the rows are the stored images, mirrored by the coin of their example, nothing else
-        x1 = flip(dataset.take(ids), flip_coins(12, rows["example"]))
-        np.testing.assert_array_equal(rows["x1"], x1)
+        np.testing.assert_array_equal(rows["x1"], dataset.take(ids))  # the stored images, as stored
         assert rows["x1"].dtype == np.uint8 and "x0" not in rows  # noise is drawn by the train worker
         np.testing.assert_array_equal(rows["pair_id"], rows["example"])
         np.testing.assert_array_equal(rows["step"], np.arange(len(ids)) // 16)
@@ -174,9 +173,9 @@ def test_a_read_task_holds_one_window_and_reads_each_shard_once_per_epoch(tmp_pa
         held.append(window.nbytes)
         return window
 
-    def counting_read(self, shard):
+    def counting_read(self, shard, out):
         reads.append(shard)
-        return read_shard(self, shard)
+        read_shard(self, shard, out)
 
     monkeypatch.setattr(pair_stream, "read_window", recording_window)
     monkeypatch.setattr(ImageShards, "read", counting_read)
@@ -260,7 +259,11 @@ def test_independent_pairs_draw_x0_by_pair_id_on_the_device_and_scale_pixels(tmp
     assert x0.device.type == device and x1.dtype == torch.float32
     # the CPU draw of the old read tasks; on a GPU the same up to the float32 caveat of rf.noise
     torch.testing.assert_close(x0.cpu(), sample_by_id(PI0, 11, rows["example"]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(x1.cpu(), to_unit_interval(torch.from_numpy(rows["x1"])), rtol=0, atol=0)
+    # the streamed pixels scaled, and mirrored by the coin of their example (about half of them)
+    mirrored = flip_coins(12, rows["example"]).numpy()
+    assert 0 < mirrored.sum() < len(mirrored)
+    expected = to_unit_interval(torch.from_numpy(flip(rows["x1"], mirrored)))
+    torch.testing.assert_close(x1.cpu(), expected, rtol=0, atol=0)
 
 
 # -------------------------------------------------------------------------- a corrupt shard
@@ -335,3 +338,10 @@ def test_the_window_decides_the_result_the_other_input_settings_do_not():
     fast = TrainSettings(input={"cpus": 8, "readers": 4, "buffer_mb": 4096, "prefetch_batches": 8})
     assert fast.identity() == TrainSettings().identity()
     assert TrainSettings(input={"window_mb": 64}).identity() != TrainSettings().identity()
+
+
+def test_a_shard_giving_other_rows_than_its_set_lists_is_named_and_nothing_is_copied():
+    out = {"id": np.full(3, -1), "x1": np.zeros((3, 2), np.float32)}
+    with pytest.raises(ValueError, match=r"shard s3://b/pairs/00001\.parquet gave 2 rows, its set lists 3"):
+        copy_rows(out, {"id": np.arange(2), "x1": np.ones((2, 2), np.float32)}, "s3://b/pairs/00001.parquet")
+    assert (out["id"] == -1).all() and not out["x1"].any()

@@ -160,18 +160,24 @@ class ImageDataset:
 
 
 def decode_shard(
-    data: bytes, entry: ShardEntry, shape: tuple[int, int, int], encoding: Encoding, source: str
+    data: bytes,
+    entry: ShardEntry,
+    shape: tuple[int, int, int],
+    encoding: Encoding,
+    source: str,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(source indices int64 (n,), images uint8 (n, C, R, R)) of a shard's bytes (already checked
     against ``entry`` by :meth:`ImageDataset.shard_bytes`): schema, rows, index range, image sizes
-    and every image checked; :class:`ImageFormatError` naming ``source`` otherwise. Raw pixels are
-    a read-only view of the decoded Parquet buffer."""
+    and every image checked; :class:`ImageFormatError` naming ``source`` otherwise. The images are
+    written into ``out`` when given (n rows), else raw pixels are a read-only view of the decoded
+    Parquet buffer."""
     table = _table(data, entry, shape, encoding, source)
     index = _indices(table, entry, source)
     _, height, width = shape
     if not (np.all(table.column("height").to_numpy() == height) and np.all(table.column("width").to_numpy() == width)):
         raise ImageFormatError(f"shard {source} lists image sizes other than {height}x{width}")
-    return index, decode_images(table.column("image"), encoding, shape, index, source)
+    return index, decode_images(table.column("image"), encoding, shape, index, source, out)
 
 
 def _table(
@@ -218,21 +224,22 @@ def to_unit_interval(images: Any) -> Any:
     return (np.asarray(images, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
 
 
-def flip(images: Any, mask: Sequence[bool] | np.ndarray) -> Any:
-    """``images`` (n, C, H, W) with the rows where ``mask`` is true mirrored left–right (a copy;
-    numpy array or torch tensor)."""
-    mask = np.asarray(mask, dtype=bool).reshape(-1)
-    if mask.shape[0] != images.shape[0]:
-        raise ValueError(f"flip mask has {mask.shape[0]} entries for {images.shape[0]} images")
-    if hasattr(images, "flip") and hasattr(images, "clone"):  # a torch tensor
+def flip(images: Any, mask: Any) -> Any:
+    """``images`` (n, C, H, W) with the rows where ``mask`` is true mirrored left–right (a copy):
+    a numpy array, or a torch tensor on any device (the mask moved to it)."""
+    is_tensor = hasattr(images, "flip") and hasattr(images, "clone")
+    if is_tensor:
         import torch
 
-        chosen = torch.from_numpy(mask)
-        out = images.clone()
-        out[chosen] = images[chosen].flip(-1)
-        return out
+        chosen = torch.as_tensor(mask, dtype=torch.bool, device=images.device).reshape(-1)
+    else:
+        chosen = np.asarray(mask, dtype=bool).reshape(-1)
+    if chosen.shape[0] != images.shape[0]:
+        raise ValueError(f"flip mask has {chosen.shape[0]} entries for {images.shape[0]} images")
+    if is_tensor:
+        return torch.where(chosen.view(-1, *[1] * (images.dim() - 1)), images.flip(-1), images)
     out = np.array(images, copy=True)
-    out[mask] = out[mask][..., ::-1]
+    out[chosen] = out[chosen][..., ::-1]
     return out
 
 

@@ -90,20 +90,33 @@ def encode_image(image: Image.Image, encoding: Encoding) -> bytes:
 
 
 def decode_images(
-    column: pa.ChunkedArray, encoding: Encoding, shape: tuple[int, int, int], index: np.ndarray, source: str
+    column: pa.ChunkedArray,
+    encoding: Encoding,
+    shape: tuple[int, int, int],
+    index: np.ndarray,
+    source: str,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """uint8 (n, C, R, R) pixels of a shard's ``image`` column (its schema already checked);
-    :class:`ImageFormatError` naming ``source`` and the image's index when one does not decode."""
+    """uint8 (n, C, R, R) pixels of a shard's ``image`` column (its schema already checked), written
+    into ``out`` when given (a window's buffer: no copy of the shard's own), else a new array (raw
+    pixels: a read-only view of the column); :class:`ImageFormatError` naming ``source`` and the
+    image's index when one does not decode."""
     if column.null_count:
         raise ImageFormatError(f"shard {source}: {column.null_count} images are null")
     channels, height, width = shape
+    if out is not None and out.shape != (len(column), *shape):
+        raise ValueError(f"shard {source}: {len(column)} images of {shape} do not fit a buffer of {out.shape}")
     if encoding == "raw":
         array = column.combine_chunks()
         size = channels * height * width
         pixels = np.frombuffer(array.buffers()[1], dtype=np.uint8, count=len(array) * size, offset=array.offset * size)
-        return pixels.reshape(len(array), channels, height, width)
+        pixels = pixels.reshape(len(array), channels, height, width)
+        if out is None:
+            return pixels
+        np.copyto(out, pixels)
+        return out
     mode = "L" if channels == 1 else "RGB"
-    images = np.empty((len(column), channels, height, width), dtype=np.uint8)
+    images = np.empty((len(column), channels, height, width), dtype=np.uint8) if out is None else out
     for row, blob in enumerate(column.to_pylist()):
         try:
             with Image.open(io.BytesIO(blob)) as image:
