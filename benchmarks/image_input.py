@@ -23,6 +23,11 @@ then E D C B A; ratios of summed times, so a drifting machine biases no arm):
 - ``stream, 2 CPUs``: ``{cpus: 2, readers: 2}``;
 - ``stream raw, 1 CPU``: the raw-pixel import through the 1-CPU stream.
 
+``readers_busy_1cpu`` / ``readers_busy_2cpus``: the read actors' CPU seconds in the timed epochs ÷
+(their CPUs × the epochs' time) — how much of the CPUs given to decoding the readers got. Below 1
+with two readers on two cores: the consumer (this process, as a train worker iterates) and Ray's
+own processes share those cores, which the two raw loops of the ceiling do not have to.
+
 Then, each on a fresh Ray with a ``worker_process_setup_hook`` that logs every shard read:
 
 - peak memory (PSS summed over this process and every process below it — driver, raylet, object
@@ -49,10 +54,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from peak_memory import PeakPSS
 
 SHARD, BATCH, EPOCHS = 256, 64, 3
 READ_LOG = "RECTIFLOW_BENCH_READ_LOG"
+READER_CPU: dict[tuple[str, int], float] = {}
+"""Read actors' CPU seconds in the timed epochs, by (dataset, the stream's ``cpus``)."""
 
 
 def window_mb(resolution: int) -> int:
@@ -123,10 +131,22 @@ def two_raw_loops(uri: str) -> tuple[float, int]:
     return max(seconds for seconds, _ in parts), sum(images for _, images in parts)
 
 
+def reader_cpu_seconds() -> float:
+    """CPU seconds (user + system) the stream's read actors below this process have used."""
+    total = 0.0
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "SegmentReader" in " ".join(process.cmdline()):
+                total += sum(process.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
 def stream_epoch(uri: str, count: int, **reading) -> tuple[float, int]:
     """(seconds, images) of the second epoch of a three-epoch stream: the steady state a train
     worker sees (read actors started, pipeline full at both ends), window boundaries and epoch
-    changes included."""
+    changes included. The read actors' CPU seconds in that epoch are added to ``READER_CPU``."""
     from workflows.images import ImageDataset
     from workflows.pair_stream import IndependentSource, StreamPlan, rank_batches
     from workflows.settings import ImagesSpec, IndependentPairs, NoiseSpec
@@ -141,10 +161,12 @@ def stream_epoch(uri: str, count: int, **reading) -> tuple[float, int]:
     ):
         images += len(batch["x1"])
         if images == count:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), reader_cpu_seconds()
         elif images == 2 * count:
-            finished = time.perf_counter()
+            finished, cpu = time.perf_counter(), reader_cpu_seconds() - cpu
     assert images == EPOCHS * count, images
+    key = (uri, reading["cpus"])
+    READER_CPU[key] = READER_CPU.get(key, 0.0) + cpu
     return finished - started, count
 
 
@@ -198,7 +220,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4096, help="images of the 1x dataset (a multiple of 256)")
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of all arms, in A B C D E / E D C B A order")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="rounds of all arms, in A B C D E / E D C B A order (single epochs on this 2-core machine differ by "
+        "up to 15 %%; more rounds average that out)",
+    )
     parser.add_argument("--no-growth", action="store_true", help="measure the rates only (no 4x dataset)")
     args = parser.parse_args()
     if args.images < 16 * SHARD or args.images % SHARD:
@@ -231,6 +259,7 @@ def main() -> None:
         }
         for arm in arms.values():  # worker start-up and first imports, not measured
             arm()
+        READER_CPU.clear()
         seconds = dict.fromkeys(arms, 0.0)
         for run in range(args.rounds):
             for name in list(arms) if run % 2 == 0 else list(arms)[::-1]:
@@ -239,6 +268,8 @@ def main() -> None:
                 seconds[name] += taken
                 print(f"{name}: {images / taken:.0f} images/s", flush=True)
         ray.shutdown()
+        streams = {1: "stream, 1 CPU", 2: "stream, 2 CPUs"}
+        busy = {cpus: READER_CPU[png, cpus] / (cpus * seconds[arm]) for cpus, arm in streams.items()}
 
         peaks, reads = {}, {}
         for factor, uri in ((1, png), (4, big)) if big is not None else ():
@@ -270,6 +301,8 @@ def main() -> None:
                 "two_vs_one_reader": round(one / two, 3),
                 "raw_two_vs_one": round(loop / loops, 3),
                 "two_vs_one_of_ceiling": round((one / two) / (loop / loops), 3),
+                "readers_busy_1cpu": round(busy[1], 3),
+                "readers_busy_2cpus": round(busy[2], 3),
                 **{key: value for key, value in growth.items() if not key.startswith("rss_mb")},
                 "raw_vs_png": round(one / seconds["stream raw, 1 CPU"], 3),
                 "png_images_per_s_per_core": round(total / loop, 1),

@@ -21,6 +21,12 @@ extra memory of each arm beyond its float32 result, at both batch sizes (growth 
 measured in a fresh process per arm as the rise of the peak resident set (``VmHWM``, reset
 through ``/proc/self/clear_refs``) over the resident set before the call.
 
+Where the torch arm's time goes: ``transcendental_share`` is the time torch's float64 ``log``,
+``sqrt``, ``cos`` and ``sin`` take over as many values as one draw of the batch (one of each per
+pair of words), timed alone in the same rounds, ÷ the torch arm's time — the part both paths pay
+alike (bit-equal floats need the float64 functions). Most of the rest is Philox: ten rounds of
+ten int64 operations, each a separate pass over the tile in eager torch.
+
 Run: ``python benchmarks/noise.py`` (about 30 s on 2 cores). The last line is JSON.
 """
 
@@ -77,6 +83,20 @@ def numpy_noise(seed: int, ids: np.ndarray, shape: tuple[int, ...]) -> torch.Ten
 ARMS: dict[str, Callable[[int, np.ndarray, tuple[int, ...]], torch.Tensor]] = {"numpy": numpy_noise, "torch": noise}
 
 
+def transcendentals(samples: int) -> float:
+    """CPU seconds of torch's float64 log, sqrt, cos and sin over ``samples`` × ⌈n/2⌉ values each
+    (a draw's Box–Muller), in tiles of 2**16 values, outputs preallocated."""
+    values = samples * -(-math.prod(SHAPE) // 2)
+    u = torch.rand(1 << 16, dtype=torch.float64).add_(2.0**-33)
+    out = torch.empty_like(u)
+    started = time.process_time()
+    for start in range(0, values, len(u)):
+        size = min(len(u), values - start)
+        for function in (torch.log, torch.sqrt, torch.cos, torch.sin):
+            function(u[:size], out=out[:size])
+    return time.process_time() - started
+
+
 def integers_equal(ids: np.ndarray, blocks: int) -> bool:
     """Torch and NumPy Philox words on every counter of X0 of ``ids``."""
     key = np.array([SEED & 0xFFFFFFFF, SEED >> 32], dtype=np.uint32)
@@ -118,6 +138,7 @@ def main() -> None:
     sizes = (max(1, args.samples // 8), args.samples)
     times: dict[tuple[str, int], list[float]] = {(arm, size): [] for size in sizes for arm in ARMS}
     outputs: dict[str, torch.Tensor] = {}
+    floor: list[float] = []
     noise(SEED, np.arange(2), SHAPE)  # warm-up: first-call costs
     for repeat in range(args.repeats):
         for arm, size in times:
@@ -126,9 +147,11 @@ def main() -> None:
             times[arm, size].append(time.process_time() - started)
             if size == args.samples:
                 outputs[arm] = out
+        floor.append(transcendentals(args.samples))
         done = ", ".join(f"{arm} x{size} {taken[-1]:.3f}" for (arm, size), taken in times.items())
         print(f"repeat {repeat} (CPU s): {done}", flush=True)
     median = {key: statistics.median(values) for key, values in times.items()}
+    transcendental_s = statistics.median(floor)
     mismatches = int((outputs["numpy"] != outputs["torch"]).sum())
     del outputs
     equal = integers_equal(np.arange(FIRST_ID, FIRST_ID + args.samples), -(-math.prod(SHAPE) // 4))
@@ -148,6 +171,7 @@ def main() -> None:
                 "threads": 1,
                 "samples": large,
                 "samples_small": small,
+                "transcendental_share": round(transcendental_s / median["torch", large], 2),
                 "numpy_cpu_s": round(median["numpy", large], 4),
                 "torch_cpu_s": round(median["torch", large], 4),
                 "integers_equal": equal,
