@@ -164,9 +164,10 @@ def copy_rows(out: dict[str, np.ndarray], values: dict[str, np.ndarray], source:
 
 
 def read_window(shard_set: ShardSet, shards: np.ndarray, seed: int, epoch: int, threads: int = 1) -> Window:
-    """Read the window of ``shards`` of epoch ``epoch``: every shard once, decoded straight into
-    one buffer per column, with ``threads`` shards decoding at a time (Pillow, zstd and sha256
-    release the GIL). Holds the window plus, per thread, one shard's bytes."""
+    """Read the window of ``shards`` of epoch ``epoch``: every shard once, into one buffer per
+    column (images decoded straight into it), with ``threads`` shards decoding at a time (Pillow,
+    zstd and sha256 release the GIL). Holds the window plus, per thread, one shard's bytes (and its
+    decoded rows where they are copied: label-filtered images, couplings)."""
     sizes = [shard_set.rows[int(s)] for s in shards]
     starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
     columns = {"id": np.empty(int(starts[-1]), dtype=np.int64)}
