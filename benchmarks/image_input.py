@@ -59,8 +59,6 @@ from peak_memory import PeakPSS
 
 SHARD, BATCH, EPOCHS = 256, 64, 3
 READ_LOG = "RECTIFLOW_BENCH_READ_LOG"
-READER_CPU: dict[tuple[str, int], float] = {}
-"""Read actors' CPU seconds in the timed epochs, by (dataset, the stream's ``cpus``)."""
 
 
 def window_mb(resolution: int) -> int:
@@ -143,10 +141,10 @@ def reader_cpu_seconds() -> float:
     return total
 
 
-def stream_epoch(uri: str, count: int, **reading) -> tuple[float, int]:
+def stream_epoch(uri: str, count: int, **reading) -> tuple[float, int, float]:
     """(seconds, images) of the second epoch of a three-epoch stream: the steady state a train
     worker sees (read actors started, pipeline full at both ends), window boundaries and epoch
-    changes included. The read actors' CPU seconds in that epoch are added to ``READER_CPU``."""
+    changes included; and the read actors' CPU seconds in that epoch."""
     from workflows.images import ImageDataset
     from workflows.pair_stream import IndependentSource, StreamPlan, rank_batches
     from workflows.settings import ImagesSpec, IndependentPairs, NoiseSpec
@@ -165,9 +163,7 @@ def stream_epoch(uri: str, count: int, **reading) -> tuple[float, int]:
         elif images == 2 * count:
             finished, cpu = time.perf_counter(), reader_cpu_seconds() - cpu
     assert images == EPOCHS * count, images
-    key = (uri, reading["cpus"])
-    READER_CPU[key] = READER_CPU.get(key, 0.0) + cpu
-    return finished - started, count
+    return finished - started, count, cpu
 
 
 # -------------------------------------------------------------------------- memory and reads
@@ -259,17 +255,17 @@ def main() -> None:
         }
         for arm in arms.values():  # worker start-up and first imports, not measured
             arm()
-        READER_CPU.clear()
-        seconds = dict.fromkeys(arms, 0.0)
+        seconds, reader_cpu = dict.fromkeys(arms, 0.0), dict.fromkeys(arms, 0.0)
         for run in range(args.rounds):
             for name in list(arms) if run % 2 == 0 else list(arms)[::-1]:
-                taken, images = arms[name]()
+                taken, images, *reader = arms[name]()  # the streams also give their readers' CPU seconds
                 assert images == args.images, (name, images)
                 seconds[name] += taken
+                reader_cpu[name] += sum(reader)
                 print(f"{name}: {images / taken:.0f} images/s", flush=True)
         ray.shutdown()
         streams = {1: "stream, 1 CPU", 2: "stream, 2 CPUs"}
-        busy = {cpus: READER_CPU[png, cpus] / (cpus * seconds[arm]) for cpus, arm in streams.items()}
+        busy = {cpus: reader_cpu[arm] / (cpus * seconds[arm]) for cpus, arm in streams.items()}
 
         peaks, reads = {}, {}
         for factor, uri in ((1, png), (4, big)) if big is not None else ():
@@ -307,6 +303,7 @@ def main() -> None:
                 "raw_vs_png": round(one / seconds["stream raw, 1 CPU"], 3),
                 "png_images_per_s_per_core": round(total / loop, 1),
                 "stream_png_images_per_s_1cpu": round(total / one, 1),
+                "stream_png_images_per_s_2cpus": round(total / two, 1),
                 "stream_raw_images_per_s_1cpu": round(total / seconds["stream raw, 1 CPU"], 1),
                 **{key: value for key, value in growth.items() if key.startswith("rss_mb")},
                 "images_1x": args.images,

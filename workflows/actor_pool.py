@@ -17,7 +17,7 @@ import numpy as np
 import ray
 from ray.data import DataContext
 
-from workflows.ray_errors import input_error
+from workflows.ray_errors import raising_input_errors
 
 
 class ItemWorker:
@@ -62,11 +62,6 @@ def run_on_actors(
         )
     finally:
         context.raise_original_map_exception = wrapped
-    try:
+    with raising_input_errors():
         for row in rows.iter_rows():
             yield {key: _plain(value) for key, value in row.items()}
-    except Exception as error:
-        cause = input_error(error)
-        if cause is None:
-            raise
-        raise cause from None

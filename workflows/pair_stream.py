@@ -56,7 +56,7 @@ from rf.solvers import Solver
 from workflows.couplings import Coupling
 from workflows.distributions import ImageShards, flip_coins, sample_by_id
 from workflows.images import flip, to_unit_interval
-from workflows.ray_errors import input_error
+from workflows.ray_errors import raising_input_errors
 from workflows.settings import DistributionSpec, ImagesSpec, IndependentPairs
 from workflows.settings.training import InputSettings
 from workflows.shard_windows import Segment, ShardSet, ShardWindows, copy_rows, read_window
@@ -71,7 +71,8 @@ READER_QUEUE_BLOCKS = 16
 """Blocks a read actor may have sent and not yet handed on (≤ 256 MB at :data:`SEGMENT_BYTES`).
 Ray Data's default, 2, pauses the reader after every second block until the executor collects
 them: ``python benchmarks/image_input.py --resolution 256 --images 4096 --no-growth`` measured
-stream_vs_raw 0.59 with 2 and 0.84 with 16."""
+stream_vs_raw 0.59 with this constant set to 2 and 0.84 with 16 (before the readers stopped
+flipping and copying; 0.93 since)."""
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 _ID_BYTES = 24  # step, example, pair_id
 
@@ -390,13 +391,8 @@ def rank_batches(stream: ray.data.DataIterator, **options: Any) -> Iterator[dict
     """``stream.iter_torch_batches(**options)``, with an error a reader raised about its input (a
     corrupt shard: a ValueError naming the file) raised as itself, out of Ray's wrappers, so that
     the stage fails naming the shard."""
-    try:
+    with raising_input_errors():
         yield from stream.iter_torch_batches(**options)
-    except Exception as error:
-        cause = input_error(error)
-        if cause is None:
-            raise
-        raise cause from None
 
 
 def restored_step(ray_run: Location | None) -> int:
