@@ -17,7 +17,7 @@ import numpy as np
 import ray
 from ray.data import DataContext
 
-from workflows.ray_errors import raising_input_errors
+from workflows.ray_errors import input_error
 
 
 class ItemWorker:
@@ -62,6 +62,11 @@ def run_on_actors(
         )
     finally:
         context.raise_original_map_exception = wrapped
-    with raising_input_errors():
+    try:
         for row in rows.iter_rows():
             yield {key: _plain(value) for key, value in row.items()}
+    except Exception as error:
+        cause = input_error(error)
+        if cause is None:
+            raise
+        raise cause from None

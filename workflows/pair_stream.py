@@ -56,7 +56,7 @@ from rf.solvers import Solver
 from workflows.couplings import Coupling
 from workflows.distributions import ImageShards, flip_coins, sample_by_id
 from workflows.images import flip, to_unit_interval
-from workflows.ray_errors import raising_input_errors
+from workflows.ray_errors import input_error
 from workflows.settings import DistributionSpec, ImagesSpec, IndependentPairs
 from workflows.settings.training import InputSettings
 from workflows.shard_windows import Segment, ShardSet, ShardWindows, copy_rows, read_window
@@ -391,8 +391,13 @@ def rank_batches(stream: ray.data.DataIterator, **options: Any) -> Iterator[dict
     """``stream.iter_torch_batches(**options)``, with an error a reader raised about its input (a
     corrupt shard: a ValueError naming the file) raised as itself, out of Ray's wrappers, so that
     the stage fails naming the shard."""
-    with raising_input_errors():
+    try:
         yield from stream.iter_torch_batches(**options)
+    except Exception as error:
+        cause = input_error(error)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def restored_step(ray_run: Location | None) -> int:

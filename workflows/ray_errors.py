@@ -10,7 +10,6 @@ corrupt shard, a changed teacher — fail naming it), or did Ray lose processes 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 NODE_LOSS = (
     "ActorDiedError",
@@ -41,19 +40,6 @@ def input_error(error: BaseException) -> ValueError | None:
         if isinstance(cause, ValueError) and not type(cause).__module__.startswith("ray"):
             return cause
     return None
-
-
-@contextmanager
-def raising_input_errors() -> Iterator[None]:
-    """Inside: an error whose chain holds an :func:`input_error` is raised as that error, out of
-    Ray's wrappers (a stage fails naming the file); any other error as it is."""
-    try:
-        yield
-    except Exception as error:
-        cause = input_error(error)
-        if cause is None:
-            raise
-        raise cause from None
 
 
 def lost_to_ray(error: BaseException) -> bool:
